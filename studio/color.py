@@ -1,0 +1,147 @@
+"""Colour science for brightfield histology: Beer-Lambert optical density, stain vectors,
+colour deconvolution (H&E, H-DAB) and CIELAB.
+
+Conventions (shared by the stain engine, the phantom and the metrics):
+
+* tiles are float RGB tensors ``(B, 3, H, W)`` in [0, 1];
+* optical density is the natural-log Beer-Lambert absorbance
+  ``OD = -ln((rgb + offset) / background)``, where ``background`` is the intensity of
+  glass (1.0 = white) and ``offset`` (default 1/255, the "+1" of 8-bit implementations)
+  keeps black pixels finite; :func:`od_to_rgb` is its exact inverse;
+* a stain matrix holds one unit-norm OD vector per stain **in its columns**:
+  ``(3, k)`` or batched ``(B, 3, k)``; concentrations are ``(B, k, H, W)`` with
+  ``OD = M @ C``.
+
+LAB conversions delegate to kornia (D65, sRGB companding) rather than re-deriving them.
+"""
+
+from __future__ import annotations
+
+import kornia.color
+import torch
+
+DEFAULT_OFFSET = 1.0 / 255.0
+
+
+def _unit_columns(matrix: torch.Tensor) -> torch.Tensor:
+    return matrix / matrix.norm(dim=-2, keepdim=True).clamp_min(1e-8)
+
+
+def normalize_stain_matrix(matrix: torch.Tensor) -> torch.Tensor:
+    """Scale every stain vector (column) to unit length; sign is kept."""
+    return _unit_columns(matrix.float())
+
+
+# Ruifrok & Johnston (2001) stain vectors as in scikit-image's ``rgb_from_hed``, columns
+# hematoxylin, eosin, DAB.
+RUIFROK_HED = normalize_stain_matrix(
+    torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]]).T
+)
+# The H&E reference of Macenko et al. as distributed by torchstain/HEnorm (OD with
+# natural log, background 240/255): columns hematoxylin, eosin, and the 99th-percentile
+# concentrations that go with them.
+MACENKO_HE_REFERENCE = torch.tensor([[0.5626, 0.2159], [0.7201, 0.8012], [0.4062, 0.5581]])
+MACENKO_MAX_CONCENTRATION = torch.tensor([1.9705, 1.0308])
+
+
+def rgb_to_od(rgb: torch.Tensor, background: float = 1.0, offset: float = DEFAULT_OFFSET) -> torch.Tensor:
+    """RGB in [0, 1] -> optical density (natural log), same shape.
+
+    Args:
+        rgb: ``(..., 3, H, W)`` float in [0, 1].
+        background: glass intensity in the same units as ``rgb`` (1.0 = white).
+        offset: added before the log so that black stays finite (default 1/255).
+    """
+    return -torch.log((rgb + offset) / background)
+
+
+def od_to_rgb(od: torch.Tensor, background: float = 1.0, offset: float = DEFAULT_OFFSET) -> torch.Tensor:
+    """Optical density -> RGB in [0, 1] (the exact inverse of :func:`rgb_to_od`, then clipped)."""
+    return (background * torch.exp(-od) - offset).clamp(0.0, 1.0)
+
+
+def _pinv(matrix: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.pinv(matrix)
+
+
+def stain_concentrations(od: torch.Tensor, stain_matrix: torch.Tensor) -> torch.Tensor:
+    """Least-squares stain concentrations ``C`` with ``OD ~= M @ C``.
+
+    Args:
+        od: ``(B, 3, H, W)`` optical density.
+        stain_matrix: ``(3, k)`` shared or ``(B, 3, k)`` per image.
+
+    Returns:
+        ``(B, k, H, W)`` concentrations (may be slightly negative where the model does
+        not fit; callers clamp when they need physical values).
+    """
+    b, _, h, w = od.shape
+    pinv = _pinv(stain_matrix.to(od))  # (k, 3) or (B, k, 3)
+    flat = od.reshape(b, 3, h * w)
+    conc = torch.matmul(pinv, flat)
+    return conc.reshape(b, -1, h, w)
+
+
+def compose_od(concentrations: torch.Tensor, stain_matrix: torch.Tensor) -> torch.Tensor:
+    """Concentrations ``(B, k, H, W)`` and stain matrix -> optical density ``(B, 3, H, W)``."""
+    b, k, h, w = concentrations.shape
+    od = torch.matmul(stain_matrix.to(concentrations), concentrations.reshape(b, k, h * w))
+    return od.reshape(b, 3, h, w)
+
+
+def compose_rgb(
+    concentrations: torch.Tensor,
+    stain_matrix: torch.Tensor,
+    background: float = 1.0,
+    offset: float = DEFAULT_OFFSET,
+) -> torch.Tensor:
+    """Render concentrations through a stain matrix to RGB in [0, 1] (Beer-Lambert)."""
+    return od_to_rgb(compose_od(concentrations, stain_matrix), background, offset)
+
+
+def rgb_to_hed(rgb: torch.Tensor) -> torch.Tensor:
+    """Colour deconvolution into hematoxylin, eosin and DAB concentrations (Ruifrok vectors).
+
+    Uses the natural-log OD convention of this module, so values are proportional to (not
+    equal to) scikit-image's ``rgb2hed`` output, which divides by ``ln(1e-6)``.
+    """
+    return stain_concentrations(rgb_to_od(rgb), RUIFROK_HED)
+
+
+def hed_to_rgb(hed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`rgb_to_hed`."""
+    return compose_rgb(hed, RUIFROK_HED)
+
+
+def hematoxylin_od(rgb: torch.Tensor) -> torch.Tensor:
+    """Hematoxylin concentration map ``(B, 1, H, W)``, clamped at 0: where nuclei are."""
+    return rgb_to_hed(rgb)[:, :1].clamp_min(0.0)
+
+
+def tissue_mask(
+    rgb: torch.Tensor,
+    min_od: float = 0.15,
+    max_od: float | None = 2.5,
+    offset: float = DEFAULT_OFFSET,
+) -> torch.Tensor:
+    """Boolean tissue mask ``(B, 1, H, W)`` from optical density.
+
+    A pixel is tissue when every channel absorbs at least ``min_od`` (Macenko's
+    transparency rule: glass and faint background fall out) and, if ``max_od`` is given,
+    no channel exceeds it (black pen, folds and scanner artefacts fall out; 2.5 ~ RGB 21).
+    """
+    od = rgb_to_od(rgb, offset=offset)
+    mask = (od >= min_od).all(dim=1, keepdim=True)
+    if max_od is not None:
+        mask &= (od <= max_od).all(dim=1, keepdim=True)
+    return mask
+
+
+def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
+    """sRGB ``(B, 3, H, W)`` in [0, 1] -> CIELAB (L in [0, 100]); kornia's D65 conversion."""
+    return kornia.color.rgb_to_lab(rgb.clamp(0.0, 1.0))
+
+
+def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
+    """CIELAB -> sRGB in [0, 1] (clipped); kornia's conversion."""
+    return kornia.color.lab_to_rgb(lab, clip=True)

