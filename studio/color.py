@@ -17,6 +17,8 @@ LAB conversions delegate to kornia (D65, sRGB companding) rather than re-derivin
 
 from __future__ import annotations
 
+import math
+
 import kornia.color
 import torch
 
@@ -52,12 +54,14 @@ def rgb_to_od(rgb: torch.Tensor, background: float = 1.0, offset: float = DEFAUL
         background: glass intensity in the same units as ``rgb`` (1.0 = white).
         offset: added before the log so that black stays finite (default 1/255).
     """
-    return -torch.log((rgb + offset) / background)
+    # log(background) - log(rgb + offset), written with one allocation: this runs over
+    # every pixel of every slide, and the naive expression makes four passes.
+    return torch.log(rgb + offset).neg_().add_(math.log(background))
 
 
 def od_to_rgb(od: torch.Tensor, background: float = 1.0, offset: float = DEFAULT_OFFSET) -> torch.Tensor:
     """Optical density -> RGB in [0, 1] (the exact inverse of :func:`rgb_to_od`, then clipped)."""
-    return (background * torch.exp(-od) - offset).clamp(0.0, 1.0)
+    return torch.neg(od).exp_().mul_(background).sub_(offset).clamp_(0.0, 1.0)
 
 
 def _pinv(matrix: torch.Tensor) -> torch.Tensor:
@@ -131,9 +135,9 @@ def tissue_mask(
     no channel exceeds it (black pen, folds and scanner artefacts fall out; 2.5 ~ RGB 21).
     """
     od = rgb_to_od(rgb, offset=offset)
-    mask = (od >= min_od).all(dim=1, keepdim=True)
+    mask = od.amin(dim=1, keepdim=True) >= min_od
     if max_od is not None:
-        mask &= (od <= max_od).all(dim=1, keepdim=True)
+        mask &= od.amax(dim=1, keepdim=True) <= max_od
     return mask
 
 

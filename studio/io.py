@@ -89,20 +89,35 @@ def _require_file(path: Path) -> None:
 def load_npy(path: str | Path, *, mmap: bool = True) -> np.ndarray:
     """Load a ``.npy`` array, memory-mapped when possible, never unpickling.
 
+    The header is read first so that each failure gets its own message: not an ``.npy``
+    file at all, a pickled (object) array, or data shorter than the header promises.
+
     Raises:
-        InputError: missing file, truncated or corrupt data, or an object (pickled) array.
+        InputError: missing file, not .npy, object array, truncated or corrupt data.
     """
     path = Path(path)
     _require_file(path)
     try:
+        with open(path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            # Format 3.0 (utf-8 field names, rare) is left to numpy's own reader below.
+            header = readers[version](fh) if version in readers else None
+            data_start = fh.tell()
+    except (ValueError, OSError, EOFError) as exc:
+        raise InputError(path, f"is not a valid .npy file ({exc})") from exc
+    if header is not None:
+        shape, _, dtype = header
+        if dtype.hasobject:
+            raise InputError(path, "holds pickled Python objects; only plain numeric or string arrays are read")
+        expected = data_start + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        size = path.stat().st_size
+        if size < expected:
+            raise InputError(path, f"is truncated: {size} bytes on disk, {expected} needed for {shape} {dtype}")
+    try:
         return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
-    except ValueError as exc:
-        msg = str(exc)
-        if "allow_pickle" in msg or "pickle" in msg:
-            raise InputError(path, "holds pickled Python objects; only plain numeric arrays are read") from exc
-        raise InputError(path, f"corrupt or truncated .npy file ({msg})") from exc
-    except (OSError, EOFError) as exc:
-        raise InputError(path, f"corrupt or truncated .npy file ({exc})") from exc
+    except (ValueError, OSError, EOFError) as exc:
+        raise InputError(path, f"corrupt .npy file ({exc})") from exc
 
 
 def load_npz_array(path: str | Path, key: str | None = None) -> np.ndarray:
@@ -188,14 +203,15 @@ def read_image(path: str | Path, *, allow_gray: bool = False) -> np.ndarray:
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 with Image.open(path) as img:
                     img.load()
+                    # np.array (not asarray): PIL's buffer is read-only.
                     if img.mode in ("I;16", "I;16B", "I"):
-                        array = np.asarray(img).astype(np.uint16)
+                        array = np.array(img).astype(np.uint16)
                     elif img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-                        array = np.asarray(img.convert("RGBA"))
+                        array = np.array(img.convert("RGBA"))
                     elif img.mode in ("L", "1"):
-                        array = np.asarray(img.convert("L"))
+                        array = np.array(img.convert("L"))
                     else:
-                        array = np.asarray(img.convert("RGB"))
+                        array = np.array(img.convert("RGB"))
         except UnidentifiedImageError as exc:
             raise InputError(path, "is not a readable image (unknown or corrupt format)") from exc
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

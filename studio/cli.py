@@ -1,0 +1,123 @@
+"""The ``histostudio`` command line.
+
+Commands stay thin: they parse arguments, call one library function, and print what
+was written and where. Heavy imports (torch, diffusers, the pipelines) happen inside the
+commands so that ``histostudio --help`` is instant. Errors the studio raises on purpose
+(:class:`~studio.errors.HistostudioError`) are printed as one line and exit with status
+2; there is no traceback wall for users (``HISTOSTUDIO_DEBUG=1`` shows it).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from studio.errors import HistostudioError
+
+console = Console()
+err_console = Console(stderr=True)
+
+app = typer.Typer(
+    name="histostudio",
+    help="Generative synthesis and stain translation for computational pathology.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+data_app = typer.Typer(help="Make, convert and inspect datasets (real samples, tissue phantom).",
+                       no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+# --------------------------------------------------------------------------- info
+@app.command()
+def info() -> None:
+    """Print versions, compute device (CPU/CUDA, xformers), checkpoints and sample data."""
+    from studio import __version__
+    from studio.data.samples import SAMPLES
+    from studio.info import (
+        PACKAGES,
+        checkpoints_dir,
+        device_report,
+        list_checkpoints,
+        package_version,
+        platform_summary,
+    )
+
+    plat = platform_summary()
+    console.print(f"[bold]histostudio {__version__}[/]  python {plat['python']}  ({plat['platform']})")
+
+    versions = Table(title="packages", show_header=True, header_style="bold")
+    versions.add_column("package")
+    versions.add_column("version")
+    for name in PACKAGES:
+        version = package_version(name)
+        versions.add_row(name, version or "[dim]not installed[/]")
+    console.print(versions)
+
+    dev = device_report()
+    if dev.cuda:
+        device = f"CUDA: {', '.join(dev.devices)}"
+    elif dev.mps:
+        device = "Apple MPS"
+    else:
+        device = f"CPU only ({dev.threads} torch threads)"
+    console.print(f"[bold]device[/]: {device}; xformers: {'yes' if dev.xformers else 'no'}")
+
+    ckpts = list_checkpoints()
+    table = Table(title=f"checkpoints in {checkpoints_dir()}", header_style="bold")
+    for col in ("name", "kind", "size (MB)"):
+        table.add_column(col)
+    for ck in ckpts:
+        table.add_row(ck.name, ck.kind, f"{ck.size_mb:.1f}")
+    if not ckpts:
+        table.add_row("[dim]none yet[/]", "", "")
+    console.print(table)
+
+    samples = Table(title="real sample data", header_style="bold")
+    for col in ("name", "kind", "available", "source", "licence"):
+        samples.add_column(col)
+    for s in SAMPLES.values():
+        samples.add_row(s.name, s.kind, "yes" if s.available else "[red]missing[/]", s.source, s.license)
+    console.print(samples)
+
+
+# --------------------------------------------------------------------------- demo
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for every demo output and the contact sheet.")] = Path(
+        "demo_output"),
+    seed: Annotated[int, typer.Option(help="Random seed for everything stochastic.")] = 0,
+) -> None:
+    """Run the studio's main jobs end to end on shipped data and write a visual summary."""
+    from studio.demo import run_demo
+
+    written = run_demo(out, seed=seed, console=console)
+    console.print(f"[bold green]demo finished[/]: {len(written)} outputs under {out}/")
+    for label, path in written:
+        console.print(f"  wrote {label}: {path}")
+
+
+def main() -> None:
+    """Console-script entry point: run the app, turn studio errors into one clean line."""
+    try:
+        app()
+    except HistostudioError as exc:
+        if os.environ.get("HISTOSTUDIO_DEBUG"):
+            raise
+        err_console.print(f"[bold red]error:[/] {exc}")
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
