@@ -105,6 +105,68 @@ def demo(
         console.print(f"  wrote {label}: {path}")
 
 
+# --------------------------------------------------------------------------- normalize
+@app.command()
+def normalize(
+    inputs: Annotated[list[str], typer.Argument(help="Slides, images, folders of tiles, globs or a CSV manifest "
+                                                     "(column 'path').", show_default=False)],
+    method: Annotated[str, typer.Option(help="Tile transform: macenko, reinhard, vahadane (or a plugin).")
+                      ] = "macenko",
+    reference: Annotated[str | None, typer.Option(
+        help="Target stain: an image, folder, slide, saved profile .json, or a sample name "
+             "(e.g. tiatoolbox_target). Default: the method's published reference.")] = None,
+    out: Annotated[Path, typer.Option(help="Output folder (slides -> <name>.tif pyramids; tiles keep their names).")
+                   ] = Path("normalized"),
+    fit: Annotated[str, typer.Option(help="'slide': one source profile per slide or tile folder (consistent "
+                                          "tiles); 'tile': every tile fitted on its own.")] = "slide",
+    mpp: Annotated[float | None, typer.Option(help="Working resolution for slides in microns/pixel "
+                                                   "(default: the slide's full resolution).")] = None,
+    tile_size: Annotated[int, typer.Option(help="Processing tile size in pixels.")] = 512,
+    compression: Annotated[str, typer.Option(help="Output slide tiles: jpeg, deflate or none.")] = "jpeg",
+    quality: Annotated[int, typer.Option(help="JPEG quality for output slides.")] = 90,
+    batch_size: Annotated[int, typer.Option(help="Tiles per transform call.")] = 16,
+    workers: Annotated[int, typer.Option(help="Threads for decoding/encoding images.")] = 2,
+    device: Annotated[str | None, typer.Option(help="torch device (cpu, cuda, cuda:1). Default: cpu.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for sampling the tiles a profile is fitted on.")] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Skip units (and files) a previous run finished.")
+                      ] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo everything in an existing output folder.")
+                         ] = False,
+    executor: Annotated[str, typer.Option(help="local, or dask (one task per slide).")] = "local",
+    scheduler: Annotated[str | None, typer.Option(help="dask scheduler address for --executor dask.")] = None,
+    save_profile: Annotated[Path | None, typer.Option(help="Also write the target stain profile JSON here.")
+                            ] = None,
+) -> None:
+    """Normalize the stain of a batch of slides and tiles to one target."""
+    from studio.jobs import JobOptions, expand_inputs, run_job
+    from studio.progress import RichReporter
+    from studio.transforms import create_tile_transform
+
+    opts = JobOptions(fit=fit, tile_size=tile_size, mpp=mpp, compression=compression, quality=quality,
+                      seed=seed, batch_size=batch_size, workers=workers)
+    opts.validate()
+    units = expand_inputs(inputs, out)
+    transform = create_tile_transform(method, reference=reference, device=device, seed=seed, workers=workers)
+    if save_profile is not None:
+        target = getattr(getattr(transform, "normalizer", None), "target", None)
+        if target is None:
+            raise HistostudioError(f"--save-profile: the {method} method has no stain profile to save")
+        target.save(save_profile)
+        console.print(f"wrote target stain profile: {save_profile}")
+    console.print(f"normalizing {len(units)} unit(s) with [bold]{transform.name}[/] -> {out}/")
+    with RichReporter(console, len(units)) as reporter:
+        report = run_job(units, transform, out, opts, resume=resume, overwrite=overwrite, executor=executor,
+                         scheduler=scheduler, reporter=reporter)
+    if report.skipped:
+        console.print(f"skipped {len(report.skipped)} finished unit(s) (--resume): {', '.join(report.skipped)}")
+    console.print(f"wrote manifest: {report.manifest}")
+    console.print(f"[bold]{len(report.done)} done, {len(report.failed)} failed[/]")
+    if not report.ok:
+        for unit_id, error in report.failed.items():
+            err_console.print(f"[red]failed[/] {unit_id}: {error}")
+        raise typer.Exit(1)
+
+
 def main() -> None:
     """Console-script entry point: run the app, turn studio errors into one clean line."""
     try:
