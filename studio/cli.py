@@ -89,6 +89,98 @@ def info() -> None:
     console.print(samples)
 
 
+# --------------------------------------------------------------------------- data
+def _parse_mix(mix: str | None) -> dict[str, float] | None:
+    if not mix:
+        return None
+    out: dict[str, float] = {}
+    for part in mix.split(","):
+        name, _, value = part.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise HistostudioError(f"--mix: {part!r} is not name=fraction (e.g. neoplastic=0.5)") from None
+    return out
+
+
+def _summarise(path: Path) -> None:
+    import numpy as np
+
+    from studio.data.registry import detect_layout, open_dataset
+
+    layout = detect_layout(path)
+    dataset = open_dataset(path, layout)
+    counts: dict[int, int] = {}
+    sources: dict[str, int] = {}
+    shapes = set()
+    for i in range(len(dataset)):
+        sample = dataset.read(i)
+        shapes.add(sample.image.shape)
+        sources[str(sample.meta.get("source", "?"))] = sources.get(str(sample.meta.get("source", "?")), 0) + 1
+        ids, first = np.unique(sample.inst, return_index=True)
+        for cls in sample.cls.ravel()[first[ids > 0]]:
+            counts[int(cls)] = counts.get(int(cls), 0) + 1
+    names = getattr(dataset, "classes", {}) or {}
+    sizes = ", ".join(f"{h}x{w}" for h, w, _ in sorted(shapes))
+    console.print(f"[bold]{path}[/] ({layout}): {len(dataset)} tiles of {sizes}")
+    table = Table(header_style="bold")
+    table.add_column("class")
+    table.add_column("nuclei", justify="right")
+    for cls in sorted(counts):
+        table.add_row(f"{cls} {names.get(cls, '')}", str(counts[cls]))
+    console.print(table)
+    console.print("sources: " + ", ".join(f"{k} ({v})" for k, v in sorted(sources.items())))
+
+
+@data_app.command("samples")
+def data_samples(
+    out: Annotated[Path, typer.Option(help="Dataset folder to create.")],
+    format: Annotated[str, typer.Option("--format", help="pannuke, conic or folder.")] = "pannuke",
+    size: Annotated[int, typer.Option(help="Crop size in pixels.")] = 256,
+    stride: Annotated[int | None, typer.Option(help="Crop stride (default: size, no overlap).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing folder.")] = False,
+) -> None:
+    """Write the shipped real labelled tile (hgsc_nest) as a nuclei dataset."""
+    from studio.data.crops import hgsc_nest_crops
+    from studio.data.registry import write_dataset
+
+    crops = hgsc_nest_crops(size, stride)
+    write_dataset(out, crops, format, overwrite=overwrite)
+    console.print(f"wrote {len(crops)} real crops ({format}) to {out}/")
+    _summarise(out)
+
+
+@data_app.command("phantom")
+def data_phantom(
+    out: Annotated[Path, typer.Option(help="Dataset folder to create.")],
+    n: Annotated[int, typer.Option("--n", help="Number of tiles.")] = 16,
+    format: Annotated[str, typer.Option("--format", help="pannuke, conic or folder.")] = "folder",
+    size: Annotated[int, typer.Option(help="Tile size in pixels.")] = 256,
+    tissue: Annotated[str | None, typer.Option(help="Preset (mixed, tumor, glandular, stroma, inflamed, "
+                                                    "necrotic); default cycles through all.")] = None,
+    mix: Annotated[str | None, typer.Option(help="Class mix, e.g. neoplastic=0.5,inflammatory=0.5.")] = None,
+    stain_variation: Annotated[float, typer.Option(help="Random per-tile stain strength (0 = reference H&E).")
+                               ] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed of the first tile (tile i uses seed+i).")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing folder.")] = False,
+) -> None:
+    """Write procedural tissue-phantom tiles with exact labels as a nuclei dataset."""
+    from studio.data.phantom_dataset import phantom_samples
+    from studio.data.registry import write_dataset
+
+    samples = phantom_samples(n, seed=seed, size=size, tissue=tissue, class_mix=_parse_mix(mix),
+                              stain_variation=stain_variation)
+    write_dataset(out, samples, format, overwrite=overwrite)
+    console.print(f"wrote {n} phantom tiles ({format}) to {out}/")
+    _summarise(out)
+
+
+@data_app.command("inspect")
+def data_inspect(path: Annotated[Path, typer.Argument(help="A PanNuke, CoNIC or folder-layout dataset.")]) -> None:
+    """Check a dataset (layout, shapes, labels) and count its nuclei per class."""
+    _summarise(path)
+
+
 # --------------------------------------------------------------------------- demo
 @app.command()
 def demo(
@@ -174,7 +266,7 @@ def main() -> None:
     except HistostudioError as exc:
         if os.environ.get("HISTOSTUDIO_DEBUG"):
             raise
-        err_console.print(f"[bold red]error:[/] {exc}")
+        err_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]")

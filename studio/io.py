@@ -253,6 +253,8 @@ def to_tensor(images: np.ndarray, device: str | torch.device | None = None) -> t
         arr = arr[None]
     if arr.ndim != 4 or arr.shape[-1] != 3:
         raise InputError("images", f"shape {arr.shape}; expected (H, W, 3) or (B, H, W, 3)")
+    if not arr.flags.writeable:  # shared read-only samples; torch warns on those
+        arr = arr.copy()
     tensor = torch.from_numpy(np.ascontiguousarray(arr)).to(device=device)
     return tensor.permute(0, 3, 1, 2).float().div_(255.0)
 

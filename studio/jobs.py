@@ -298,8 +298,8 @@ def _process_slide(unit: Unit, transform: TileTransform, opts: JobOptions, repor
                 reporter.unit_advanced(unit, len(tiles))
 
         out_mpp = slide.mpp * grid.scale if slide.mpp else None
-        write_pyramid(unit.output, normalized_tiles(), grid.width, grid.height, tile_size=256, mpp=out_mpp,
-                      compression=opts.compression, quality=opts.quality,
+        write_pyramid(unit.output, normalized_tiles(), grid.width, grid.height, tile_size=grid.tile_size,
+                      mpp=out_mpp, compression=opts.compression, quality=opts.quality,
                       description=f"histostudio {__version__} normalize {transform.name} of {path.name}")
         return {"tiles": len(grid.tiles), "width": grid.width, "height": grid.height, "mpp": out_mpp,
                 "megapixels": grid.width * grid.height / 1e6, "profile": _record(source),

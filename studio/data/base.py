@@ -326,7 +326,7 @@ def atomic_folder(target: str | Path, *, overwrite: bool = False) -> Iterator[Pa
     """
     target = Path(target)
     if target.exists() and not overwrite:
-        raise OutputError(target, "already exists; pass overwrite=True to replace it")
+        raise OutputError(target, "already exists; pass --overwrite (overwrite=True) to replace it")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))

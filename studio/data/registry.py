@@ -82,3 +82,25 @@ def open_dataset(path: str | Path, layout: str | None = None, **kwargs: Any) -> 
     if layout not in LAYOUTS:
         raise InputError("layout", f"{layout!r}; choose one of {', '.join(LAYOUTS)}")
     return LAYOUTS[layout](path, **kwargs)
+
+
+def write_dataset(path: str | Path, samples: Any, layout: str, *, overwrite: bool = False) -> Path:
+    """Write PanNuke-coded samples in ``layout`` (all-or-nothing), the mirror of
+    :func:`open_dataset`. CoNIC has its own class codes: PanNuke classes are mapped with
+    :data:`studio.data.conic.PANNUKE_TO_CONIC` (dead nuclei have no CoNIC class: refused)."""
+    from dataclasses import replace
+
+    from studio.data.base import as_samples
+    from studio.data.conic import pannuke_to_conic, write_conic
+    from studio.data.folder import write_folder
+    from studio.data.pannuke import write_pannuke
+
+    if layout not in LAYOUTS:
+        raise InputError("format", f"{layout!r}; choose one of {', '.join(LAYOUTS)}")
+    if layout == "pannuke":
+        return write_pannuke(path, samples, overwrite=overwrite)
+    if layout == "folder":
+        return write_folder(path, samples, overwrite=overwrite)
+    items = [replace(s, cls=pannuke_to_conic(s.cls, source=f"samples[{i}]"))
+             for i, s in enumerate(as_samples(samples))]
+    return write_conic(path, items, overwrite=overwrite)

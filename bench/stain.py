@@ -1,0 +1,332 @@
+"""Stain-normalization speed, against peers measured in the same run.
+
+    python bench/stain.py                     # everything (about 10 minutes on 2 quiet cores)
+    python bench/stain.py --quick             # fewer repeats, smaller slide
+    python bench/stain.py --peers-venv PATH   # staintools (spams) in its own venv, see below
+
+What it measures (medians over repeats, 2 torch threads, the same real 256x256 tiles for
+every method: crops of the four shipped H&E samples):
+
+1. per-tile fitting (the work torchstain does): tiles/s and MPix/s for torchstain
+   (numpy and torch backends, one tile at a time) and this engine (batched);
+2. slide-level fitting (a fixed source profile): this engine's exact uint8 lookup-table
+   path and its float path, against the memory-bandwidth bound of one pass over the
+   pixels (a uint8 copy of the same data);
+3. staintools (Macenko, Vahadane via spams), which cannot share this environment (its
+   spams/opencv stack): run as a subprocess in ``--peers-venv`` made by
+   ``python -m venv V && V/bin/pip install staintools spams-bin opencv-python-headless``;
+   torch-staintools needs torchvision, whose wheels pull a CUDA torch: left out (its
+   author-reported CPU rates are in ../shared/REFERENCES.md);
+4. robustness: which methods raise on white, black, near-empty and pen-marked tiles;
+5. a folder of 512 PNG tiles, whole process (decode, normalize, encode): ``normalize``'s
+   job vs a torchstain loop, both writing PNG with the same zlib level;
+6. the slide job end to end on a generated slide of real tissue: MPix/s against the bare
+   kernel, and peak RSS (measured in a child process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from studio.data.samples import load_sample  # noqa: E402
+from studio.io import to_tensor, to_uint8, write_image  # noqa: E402
+from studio.stain import get_normalizer  # noqa: E402
+
+METHODS = ("macenko", "reinhard", "vahadane")
+
+
+def real_tiles(n: int, size: int = 256) -> np.ndarray:
+    """``n`` tissue tiles cut from the four shipped H&E images, interleaved."""
+    per_image = []
+    for name in ("hgsc_nest", "tiatoolbox_target", "skin", "cmu_small_region"):
+        img = load_sample(name)
+        h, w, _ = img.shape
+        tiles = [img[y:y + size, x:x + size] for y in range(0, h - size + 1, size // 2)
+                 for x in range(0, w - size + 1, size // 2)]
+        tiles = [t for t in tiles if (t.mean(axis=2) < 220).mean() > 0.5]  # tissue tiles
+        per_image.append(tiles)
+    out = [per_image[i % 4][i // 4 % len(per_image[i % 4])] for i in range(n)]
+    return np.ascontiguousarray(np.stack(out))
+
+
+def timed(fn: Callable[[], object], repeats: int) -> float:
+    """Median seconds of ``repeats`` calls after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def row(name: str, tiles: int, seconds: float, size: int = 256, ref: float | None = None) -> dict:
+    rate = tiles / seconds
+    entry = {"method": name, "tiles_per_s": round(rate, 1), "mpix_per_s": round(rate * size * size / 1e6, 2)}
+    if ref:
+        entry["x_torchstain"] = round(rate / ref, 2)
+    return entry
+
+
+def print_table(title: str, rows: list[dict]) -> None:
+    print(f"\n## {title}")
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    print("| " + " | ".join(keys) + " |")
+    print("|" + "---|" * len(keys))
+    for r in rows:
+        print("| " + " | ".join(str(r.get(k, "")) for k in keys) + " |")
+
+
+# --------------------------------------------------------------------------- 1 + 2
+def bench_kernels(tiles: np.ndarray, reference: np.ndarray, repeats: int) -> tuple[list[dict], list[dict], float]:
+    import torchstain
+
+    chw = [torch.from_numpy(t.copy()).permute(2, 0, 1) for t in tiles]
+    ts_torch = torchstain.normalizers.MacenkoNormalizer(backend="torch")
+    ts_torch.fit(torch.from_numpy(reference.copy()).permute(2, 0, 1))
+    ts_numpy = torchstain.normalizers.MacenkoNormalizer(backend="numpy")
+    ts_numpy.fit(reference.transpose(2, 0, 1).copy())
+    ts_reinhard = torchstain.normalizers.ReinhardNormalizer(backend="torch")
+    ts_reinhard.fit(torch.from_numpy(reference.copy()).permute(2, 0, 1))
+    n = len(tiles)
+    t_torch = timed(lambda: [ts_torch.normalize(t, stains=False) for t in chw], repeats)
+    ref_rate = n / t_torch
+    per_tile = [row("torchstain macenko (torch), per tile", n, t_torch)]
+    per_tile.append(row("torchstain macenko (numpy), per tile", n,
+                        timed(lambda: [ts_numpy.normalize(t.numpy(), stains=False) for t in chw], repeats)))
+    per_tile.append(row("torchstain reinhard (torch), per tile", n,
+                        timed(lambda: [ts_reinhard.normalize(t) for t in chw], repeats)))
+    batch = to_tensor(tiles)
+    for name in METHODS:
+        norm = get_normalizer(name)
+        norm.fit(reference)
+        per_tile.append(row(f"histostudio {name}, per-tile fit (batched)", n,
+                            timed(lambda norm=norm: norm.transform(batch), repeats), ref=ref_rate))
+    for r in per_tile[:3]:
+        r["x_torchstain"] = round(r["tiles_per_s"] / ref_rate, 2)
+
+    # slide level: one source profile, uint8 in -> uint8 out
+    slide = []
+    bandwidth = timed(lambda: np.copyto(np.empty_like(tiles), tiles), repeats)
+    slide.append(row("memory bound: one uint8 copy of the tiles", n, bandwidth, ref=ref_rate))
+    for name in METHODS:
+        norm = get_normalizer(name)
+        norm.fit(reference)
+        source = norm.estimate(tiles)
+        build = timed(lambda norm=norm, source=source: (norm._lut_cache.clear(), norm.lut(source)), 1)
+        lut_t = timed(lambda norm=norm, source=source: norm.transform_uint8(tiles, source=source, workers=2),
+                      repeats)
+        r = row(f"histostudio {name}, slide profile, LUT (uint8)", n, lut_t, ref=ref_rate)
+        r["of_memory_bound"] = round(bandwidth / lut_t, 2)
+        r["lut_build_s"] = round(build, 2)
+        slide.append(r)
+        float_t = timed(lambda norm=norm, source=source: to_uint8(norm.transform(tiles, source=source)), repeats)
+        slide.append(row(f"histostudio {name}, slide profile, float path", n, float_t, ref=ref_rate))
+    return per_tile, slide, ref_rate
+
+
+# --------------------------------------------------------------------------- 3
+PEER_SCRIPT = r"""
+import json, sys, time, statistics, numpy as np, staintools
+tiles = np.load(sys.argv[1]); ref = np.load(sys.argv[2]); big = np.load(sys.argv[3]); repeats = int(sys.argv[4])
+out = []
+for method in ("macenko", "vahadane"):
+    norm = staintools.StainNormalizer(method=method)
+    norm.fit(ref)
+    for name, data in (("256x256", tiles), ("512x512", big)):
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for t in data:
+                norm.transform(t)
+            times.append(time.perf_counter() - start)
+        sec = statistics.median(times) / len(data)
+        out.append({"method": f"staintools {method} ({name})", "seconds_per_tile": round(sec, 4)})
+print(json.dumps(out))
+"""
+
+
+def bench_peers(venv: Path | None, tiles: np.ndarray, reference: np.ndarray, repeats: int) -> list[dict]:
+    if venv is None or not (venv / "bin" / "python").exists():
+        return [{"method": "staintools", "note": "skipped: pass --peers-venv (see module docstring)"}]
+    big = np.stack([load_sample("tiatoolbox_target")[y:y + 512, x:x + 512] for y, x in ((0, 0), (488, 488))])
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = [Path(tmp) / f for f in ("tiles.npy", "ref.npy", "big.npy")]
+        for p, a in zip(paths, (tiles[:16], reference, big), strict=True):
+            np.save(p, a)
+        res = subprocess.run([str(venv / "bin" / "python"), "-c", PEER_SCRIPT, *map(str, paths), str(repeats)],
+                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    if res.returncode:
+        return [{"method": "staintools", "note": f"failed: {res.stderr.strip().splitlines()[-1:]}"}]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------- 4
+def bench_robustness(reference: np.ndarray) -> list[dict]:
+    import torchstain
+
+    from tests.test_stain import bad_tiles  # the same bad-input set the tests use
+
+    ts = torchstain.normalizers.MacenkoNormalizer(backend="torch")
+    ts.fit(torch.from_numpy(reference.copy()).permute(2, 0, 1))
+    rows = []
+    for name, tile in bad_tiles().items():
+        entry = {"tile": name}
+        try:
+            out = ts.normalize(torch.from_numpy(tile.copy()).permute(2, 0, 1), stains=False)[0].float()
+            entry["torchstain macenko"] = "NaN" if torch.isnan(out).any() else "ok"
+        except Exception as exc:
+            entry["torchstain macenko"] = f"raises {type(exc).__name__}"
+        for method in METHODS:
+            norm = get_normalizer(method)
+            norm.fit(reference)
+            out = norm.transform(tile)
+            entry[f"histostudio {method}"] = "ok" if torch.isfinite(out).all() else "NaN"
+        rows.append(entry)
+    return rows
+
+
+# --------------------------------------------------------------------------- 5
+def bench_folder(tiles: np.ndarray, reference: np.ndarray, workdir: Path, repeats: int) -> list[dict]:
+    import torchstain
+    from PIL import Image
+
+    from studio.jobs import JobOptions, expand_inputs, run_job
+    from studio.transforms import create_tile_transform
+
+    folder = workdir / "tiles512"
+    folder.mkdir(exist_ok=True)
+    picks = np.resize(np.arange(len(tiles)), 512)
+    for i, k in enumerate(picks):
+        write_image(folder / f"t{i:03d}.png", tiles[k])
+    ts = torchstain.normalizers.MacenkoNormalizer(backend="torch")
+    ts.fit(torch.from_numpy(reference.copy()).permute(2, 0, 1))
+
+    def torchstain_loop() -> None:
+        out = workdir / "ts_out"
+        out.mkdir(exist_ok=True)
+        for p in sorted(folder.iterdir()):
+            img = torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1)
+            try:
+                res = ts.normalize(img, stains=False)[0].numpy().astype(np.uint8)
+            except Exception:
+                res = img.permute(1, 2, 0).numpy()
+            Image.fromarray(res).save(out / p.name, compress_level=1)
+
+    transform = create_tile_transform("macenko", reference=None)
+    transform.normalizer.fit(reference)
+
+    def ours(fit: str) -> Callable[[], None]:
+        def run() -> None:
+            out = workdir / f"ours_{fit}"
+            run_job(expand_inputs([folder], out), transform, out, JobOptions(fit=fit), overwrite=True)
+        return run
+
+    t_ts = timed(torchstain_loop, repeats)
+    rows = [row("torchstain macenko loop (read, normalize, write PNG)", 512, t_ts)]
+    for fit in ("slide", "tile"):
+        rows.append(row(f"histostudio normalize --fit {fit} (same folder)", 512, timed(ours(fit), repeats),
+                        ref=512 / t_ts))
+    rows[0]["x_torchstain"] = 1.0
+    return rows
+
+
+# --------------------------------------------------------------------------- 6
+SLIDE_CHILD = r"""
+import json, resource, sys, time
+sys.path.insert(0, sys.argv[3])
+import torch
+torch.set_num_threads(2)
+from studio.jobs import JobOptions, expand_inputs, run_job
+from studio.transforms import create_tile_transform
+slide, out = sys.argv[1], sys.argv[2]
+transform = create_tile_transform("macenko", reference="tiatoolbox_target")
+start = time.perf_counter()
+report = run_job(expand_inputs([slide], out), transform, out, JobOptions(), overwrite=True)
+sec = time.perf_counter() - start
+# VmHWM is this process's own peak; ru_maxrss can carry the parent's across fork+exec.
+hwm = [line for line in open("/proc/self/status") if line.startswith("VmHWM")]
+peak = int(hwm[0].split()[1]) / 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"seconds": sec, "ok": report.ok, "peak_rss_mb": peak}))
+"""
+
+
+def bench_slide_job(workdir: Path, side: int) -> list[dict]:
+    from studio.slides import open_slide, read_tiles, tile_grid, write_mosaic_slide
+
+    slide = write_mosaic_slide(workdir / "mosaic.tif", side, side, seed=0)
+    res = subprocess.run([sys.executable, "-c", SLIDE_CHILD, str(slide), str(workdir / "slide_out"), str(ROOT)],
+                         capture_output=True, text=True)
+    if res.returncode:
+        raise RuntimeError(res.stderr)
+    job = json.loads(res.stdout.strip().splitlines()[-1])
+    mpix = side * side / 1e6
+    # The bare kernel on the same pixels: read every tile, LUT-transform, no writing.
+    norm = get_normalizer("macenko")
+    norm.fit(load_sample("tiatoolbox_target"))
+    with open_slide(slide) as s:
+        grid = tile_grid(s, tile_size=512)
+        sample = [b for b, _ in zip(read_tiles(s, grid, batch_size=16), range(4), strict=False)]
+        source = norm.estimate([t for batch, _ in sample for t in batch])
+        lut = norm.lut(source)
+        tiles = [t for batch, _ in sample for t in batch]
+        kernel = timed(lambda: [lut.apply(t) for t in tiles], 3)
+        kernel_mpix = sum(t.shape[0] * t.shape[1] for t in tiles) / 1e6 / kernel
+    return [{"slide": f"{side}x{side} real-tissue mosaic ({mpix:.0f} MPix)",
+             "job_mpix_per_s": round(mpix / job["seconds"], 1), "kernel_mpix_per_s": round(kernel_mpix, 1),
+             "job_over_kernel": round(mpix / job["seconds"] / kernel_mpix, 2),
+             "peak_rss_mb": round(job["peak_rss_mb"]), "seconds": round(job["seconds"], 1)}]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--peers-venv", type=Path, default=None)
+    parser.add_argument("--tiles", type=int, default=256)
+    parser.add_argument("--slide-side", type=int, default=None)
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    repeats = 3 if args.quick else 5
+    tiles = real_tiles(64 if args.quick else args.tiles)
+    reference = np.ascontiguousarray(load_sample("tiatoolbox_target")[:512, :512])
+    results = {}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {len(tiles)} real 256x256 tiles")
+    per_tile, slide, _ = bench_kernels(tiles, reference, repeats)
+    print_table("per-tile fitting (torchstain's work), median", per_tile)
+    print_table("slide-level profile (fixed source), median", slide)
+    peers = bench_peers(args.peers_venv, tiles, reference, 1 if args.quick else 3)
+    print_table("staintools (separate venv, one tile at a time)", peers)
+    robust = bench_robustness(reference)
+    print_table("robustness on bad tiles", robust)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = bench_folder(tiles, reference, Path(tmp), 1 if args.quick else 3)
+        print_table("a folder of 512 PNG tiles, whole process", folder)
+        side = args.slide_side or (4096 if args.quick else 16384)
+        job = bench_slide_job(Path(tmp), side)
+        print_table("slide job end to end (child process)", job)
+    results = {"per_tile": per_tile, "slide_level": slide, "staintools": peers, "robustness": robust,
+               "folder": folder, "slide_job": job, "peak_rss_mb_bench": round(
+                   resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""The normalize batch job: inputs, outputs, manifest, resume, bad slides, seams, dask."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from studio.data.samples import load_sample
+from studio.errors import InputError, OutputError
+from studio.io import read_image, to_tensor, to_uint8, write_image
+from studio.jobs import JobOptions, Manifest, expand_inputs, run_job
+from studio.stain.augment import known_shift, restain
+from studio.transforms import create_tile_transform
+
+torch.set_num_threads(1)
+
+
+def restained(image: np.ndarray, shift: str) -> np.ndarray:
+    matrix, scale, offset = known_shift(shift, 1)
+    return to_uint8(restain(to_tensor(image), matrix, scale, offset))[0]
+
+
+@pytest.fixture(scope="module")
+def tile_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("lab_a") / "lab_a"
+    folder.mkdir()
+    image = restained(np.ascontiguousarray(load_sample("hgsc_nest")[:768, :768]), "lab-a")
+    for i, (y, x) in enumerate([(y, x) for y in range(0, 768, 256) for x in range(0, 768, 256)]):
+        write_image(folder / f"tile_{i:02d}.png", image[y:y + 256, x:x + 256])
+    write_image(folder / "tile_jpeg.jpg", image[100:356, 100:356])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def slide_file(tmp_path_factory) -> Path:
+    from studio.slides import write_pyramid
+
+    image = restained(np.ascontiguousarray(load_sample("tiatoolbox_target")), "lab-b")
+    path = tmp_path_factory.mktemp("slides") / "lab_b_slide.tif"
+
+    def tiles():
+        for y in range(0, 1000, 256):
+            for x in range(0, 1000, 256):
+                yield image[y:y + 256, x:x + 256]
+
+    write_pyramid(path, tiles(), 1000, 1000, tile_size=256, mpp=0.5, compression="deflate", min_level_size=256)
+    return path
+
+
+def macenko():
+    return create_tile_transform("macenko", reference="tiatoolbox_target")
+
+
+# ------------------------------------------------------------------ inputs
+def test_expand_inputs_folders_globs_csv_and_errors(tile_folder, slide_file, tmp_path):
+    units = expand_inputs([tile_folder, slide_file], tmp_path / "out")
+    kinds = {u.id: u.kind for u in units}
+    assert kinds == {"lab_a": "tiles", "lab_b_slide": "slide"}
+    tiles = next(u for u in units if u.kind == "tiles")
+    assert len(tiles.inputs) == 10 and tiles.output.endswith("lab_a")
+    globbed = expand_inputs([str(tile_folder / "tile_0*.png")], tmp_path / "out")
+    assert len(globbed) == 1 and len(globbed[0].inputs) == 9
+    csv_path = tmp_path / "batch.csv"
+    csv_path.write_text(f"path\n{slide_file}\n{tile_folder / 'tile_00.png'}\n")
+    assert {u.kind for u in expand_inputs([csv_path], tmp_path / "out")} == {"slide", "tiles"}
+    with pytest.raises(InputError, match="no such file"):
+        expand_inputs([tmp_path / "missing.svs"], tmp_path / "out")
+    with pytest.raises(InputError, match="glob matched no files"):
+        expand_inputs([str(tmp_path / "*.ndpi")], tmp_path / "out")
+
+
+# ------------------------------------------------------------------ tile folders
+def test_tile_folder_same_names_formats_and_closer_to_truth(tile_folder, tmp_path):
+    out = tmp_path / "out"
+    transform = create_tile_transform("reinhard", reference="tiatoolbox_target")
+    report = run_job(expand_inputs([tile_folder], out), transform, out, JobOptions())
+    assert report.ok and report.done == ["lab_a"]
+    written = sorted(p.name for p in (out / "lab_a").iterdir())
+    assert written == sorted(p.name for p in tile_folder.iterdir())
+    a = read_image(tile_folder / "tile_04.png")
+    b = read_image(out / "lab_a" / "tile_04.png")
+    assert a.shape == b.shape and np.abs(a.astype(int) - b.astype(int)).mean() > 2
+    entry = json.loads((out / "manifest.json").read_text())["units"]["lab_a"]
+    assert entry["status"] == "done" and entry["profile"]["method"] == "reinhard" and entry["written"] == 10
+
+
+def test_folder_with_a_corrupt_tile_records_it_and_exits_failed(tile_folder, tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for name in ("tile_00.png", "tile_01.png"):
+        (folder / name).write_bytes((tile_folder / name).read_bytes())
+    good = (tile_folder / "tile_02.png").read_bytes()
+    (folder / "tile_02.png").write_bytes(good[: len(good) // 2])  # truncated PNG
+    out = tmp_path / "out"
+    report = run_job(expand_inputs([folder], out), macenko(), out, JobOptions())
+    assert not report.ok
+    entry = json.loads((out / "manifest.json").read_text())["units"]["mixed"]
+    assert entry["status"] == "failed" and "tile_02.png" in entry["failed_files"]
+    assert "truncated" in entry["failed_files"]["tile_02.png"]
+    assert sorted(p.name for p in (out / "mixed").iterdir()) == ["tile_00.png", "tile_01.png"]
+
+
+# ------------------------------------------------------------------ slides
+def test_slide_job_writes_a_pyramid_both_readers_open(slide_file, tmp_path):
+    out = tmp_path / "out"
+    report = run_job(expand_inputs([slide_file], out), macenko(), out, JobOptions(tile_size=256))
+    assert report.ok, report.failed
+    result = out / "lab_b_slide.tif"
+    import tiffslide
+
+    with tiffslide.TiffSlide(result) as s:
+        assert s.dimensions == (1000, 1000) and s.level_count >= 2
+        assert abs(float(s.properties["tiffslide.mpp-x"]) - 0.5) < 1e-3
+        for level in range(s.level_count):
+            region = np.asarray(s.read_region((0, 0), level, s.level_dimensions[level]).convert("RGB"))
+            assert region.mean() < 250  # real content at every level
+    openslide = pytest.importorskip("openslide")
+    with openslide.OpenSlide(str(result)) as s:
+        assert s.level_count >= 2 and s.dimensions == (1000, 1000)
+
+
+def test_slide_seams_no_larger_than_inside_tiles(slide_file, tmp_path):
+    """Adjacent tiles of a normalized slide show no seam: the jump across tile borders is
+    no larger than between neighbouring pixel columns inside tiles."""
+    import tifffile
+
+    out = tmp_path / "out"
+    run_job(expand_inputs([slide_file], out), macenko(), out, JobOptions(tile_size=256, compression="deflate"))
+    image = tifffile.imread(out / "lab_b_slide.tif", series=0, level=0).astype(np.float32)
+    diffs = np.abs(np.diff(image, axis=1)).mean(axis=(0, 2))  # (W-1,) mean jump between columns x, x+1
+    borders = diffs[255::256][:3]
+    inside = np.delete(diffs, np.arange(255, diffs.size, 256))
+    assert borders.mean() <= np.percentile(inside, 75), (borders, np.median(inside))
+
+
+def test_bad_slide_is_recorded_and_the_batch_goes_on(slide_file, tile_folder, tmp_path):
+    broken = tmp_path / "broken.tif"
+    data = slide_file.read_bytes()
+    broken.write_bytes(data[: len(data) // 3])  # truncated TIFF
+    out = tmp_path / "out"
+    report = run_job(expand_inputs([broken, slide_file], out), macenko(), out, JobOptions(tile_size=256))
+    assert report.done == ["lab_b_slide"] and list(report.failed) == ["broken"]
+    entry = json.loads((out / "manifest.json").read_text())["units"]["broken"]
+    assert entry["status"] == "failed" and "broken.tif" in entry["error"]
+    assert not (out / "broken.tif").exists()
+
+
+def test_cli_exit_status_and_messages(slide_file, tmp_path):
+    from typer.testing import CliRunner
+
+    from studio.cli import app
+
+    broken = tmp_path / "broken.tif"
+    broken.write_bytes(b"II*\x00not really a tiff")
+    runner = CliRunner()
+    result = runner.invoke(app, ["normalize", str(broken), "--out", str(tmp_path / "o1")])
+    assert result.exit_code == 1 and "1 failed" in result.output
+    result = runner.invoke(app, ["normalize", str(tmp_path / "nope.svs"), "--out", str(tmp_path / "o2")])
+    assert result.exit_code != 0 and "no such file" in str(result.exception or result.output)
+
+
+# ------------------------------------------------------------------ resume
+def test_interrupted_run_resumes_without_redoing_or_losing(tile_folder, slide_file, tmp_path):
+    out = tmp_path / "out"
+    units = expand_inputs([tile_folder, slide_file], out)
+    opts = JobOptions(tile_size=256)
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_first(unit, entry):
+        raise Crash  # the process "dies" right after the first unit is recorded
+
+    with pytest.raises(Crash):
+        run_job(units, macenko(), out, opts, on_unit_done=crash_after_first)
+    first = Manifest.load(out)
+    assert [k for k, v in first.units.items() if v["status"] == "done"] == ["lab_b_slide"]
+    stamp = os.stat(out / "lab_b_slide.tif").st_mtime_ns
+    (out / ".leftover.png.abc.tmp").write_bytes(b"partial")  # an interrupted atomic write
+
+    with pytest.raises(InputError, match="--resume"):
+        run_job(units, macenko(), out, opts)
+    report = run_job(units, macenko(), out, opts, resume=True)
+    assert report.skipped == ["lab_b_slide"] and report.done == ["lab_a"]
+    assert os.stat(out / "lab_b_slide.tif").st_mtime_ns == stamp  # nothing done twice
+    assert not (out / ".leftover.png.abc.tmp").exists()
+    assert len(list((out / "lab_a").iterdir())) == 10  # nothing lost
+
+    with pytest.raises(InputError, match="different"):
+        run_job(units, create_tile_transform("reinhard"), out, opts, resume=True)
+
+
+def test_unwritable_output_is_a_clear_error(tile_folder, tmp_path):
+    blocker = tmp_path / "file_not_folder"
+    blocker.write_text("x")
+    with pytest.raises(OutputError, match="not writable"):
+        run_job(expand_inputs([tile_folder], blocker / "out"), macenko(), blocker / "out", JobOptions())
+
+
+# ------------------------------------------------------------------ dask
+def test_dask_executor_on_a_local_cluster(tile_folder, slide_file, tmp_path):
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None,
+                                  worker_class=distributed.Nanny) as cluster:
+        out = tmp_path / "out"
+        units = expand_inputs([tile_folder, slide_file], out)
+        report = run_job(units, macenko(), out, JobOptions(tile_size=256), executor="dask",
+                         scheduler=cluster.scheduler_address)
+    assert report.ok and sorted(report.done) == ["lab_a", "lab_b_slide"]
+    assert (out / "lab_b_slide.tif").exists() and len(list((out / "lab_a").iterdir())) == 10
+    # Same result as the local executor.
+    local = tmp_path / "local"
+    run_job(expand_inputs([tile_folder], local), macenko(), local, JobOptions(tile_size=256))
+    np.testing.assert_array_equal(read_image(out / "lab_a" / "tile_03.png"),
+                                  read_image(local / "lab_a" / "tile_03.png"))
