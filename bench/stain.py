@@ -114,10 +114,18 @@ def bench_kernels(tiles: np.ndarray, reference: np.ndarray, repeats: int) -> tup
                         timed(lambda: [ts_reinhard.normalize(t) for t in chw], repeats)))
     batch = to_tensor(tiles)
     for name in METHODS:
-        norm = get_normalizer(name)
-        norm.fit(reference)
-        per_tile.append(row(f"histostudio {name}, per-tile fit (batched)", n,
-                            timed(lambda norm=norm: norm.transform(batch), repeats), ref=ref_rate))
+        for stride in (1, 2):
+            norm = get_normalizer(name, estimate_stride=stride)
+            norm.fit(reference)
+            label = "exact" if stride == 1 else "estimate on every 2nd pixel (estimate_stride=2)"
+            per_tile.append(row(f"histostudio {name}, per-tile fit, {label}", n,
+                                timed(lambda norm=norm: norm.transform(batch), repeats), ref=ref_rate))
+    big = np.stack([load_sample("tiatoolbox_target")[y:y + 512, x:x + 512] for y, x in ((0, 0), (488, 488))])
+    norm = get_normalizer("vahadane")
+    norm.fit(reference)
+    r = row("histostudio vahadane, per-tile fit, 512x512", 2, timed(lambda: norm.transform(big), repeats), size=512)
+    r["seconds_per_tile"] = round(1 / r["tiles_per_s"], 4)
+    per_tile.append(r)
     for r in per_tile[:3]:
         r["x_torchstain"] = round(r["tiles_per_s"] / ref_rate, 2)
 
@@ -181,7 +189,7 @@ def bench_peers(venv: Path | None, tiles: np.ndarray, reference: np.ndarray, rep
 def bench_robustness(reference: np.ndarray) -> list[dict]:
     import torchstain
 
-    from tests.test_stain import bad_tiles  # the same bad-input set the tests use
+    from studio.data.samples import bad_tiles  # the same bad-input set the tests use
 
     ts = torchstain.normalizers.MacenkoNormalizer(backend="torch")
     ts.fit(torch.from_numpy(reference.copy()).permute(2, 0, 1))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from studio.color import tissue_mask
-from studio.data.samples import load_sample
+from studio.data.samples import bad_tiles, load_sample
 from studio.errors import InputError
 from studio.io import to_tensor, to_uint8
 from studio.metrics import ciede2000
@@ -152,26 +152,6 @@ def test_normalization_moves_restained_real_tiles_toward_truth(shift):
 
 
 # ------------------------------------------------------------------ robustness
-def bad_tiles() -> dict[str, np.ndarray]:
-    real = np.ascontiguousarray(load_sample("hgsc_nest")[:256, :256])
-    pen = real.copy()
-    pen[60:120, :] = (20, 60, 170)  # blue marker stroke
-    eosin_only = np.zeros((256, 256, 3), np.uint8) + np.array([235, 150, 200], np.uint8)
-    gen = np.random.default_rng(0)
-    eosin_only = np.clip(eosin_only + gen.normal(0, 6, eosin_only.shape), 0, 255).astype(np.uint8)
-    near_empty = np.full((256, 256, 3), 245, np.uint8)
-    near_empty[100:110, 100:110] = (120, 60, 150)
-    gray = np.repeat(real.mean(axis=2, keepdims=True).astype(np.uint8), 3, axis=2)
-    return {
-        "white": np.full((256, 256, 3), 255, np.uint8),
-        "black": np.zeros((256, 256, 3), np.uint8),
-        "near_empty": near_empty,
-        "eosin_only": eosin_only,
-        "pen": pen,
-        "gray_as_rgb": gray,
-    }
-
-
 @pytest.mark.parametrize("name", METHODS)
 def test_bad_tiles_never_nan_and_blank_tiles_stay_blank(name, reference):
     norm = get_normalizer(name)

@@ -158,3 +158,26 @@ def load_hgsc_nest_labels() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     inst.setflags(write=False)
     classes.setflags(write=False)
     return load_sample("hgsc_nest"), inst, classes
+
+
+def bad_tiles() -> dict[str, np.ndarray]:
+    """The bad-input tile set tests and benchmarks share: white, black, near-empty glass,
+    a single-stain (eosin only) tile, a real tile crossed by blue marker, and a real tile
+    turned gray (RGB). Each 256x256 uint8."""
+    real = np.ascontiguousarray(load_sample("hgsc_nest")[:256, :256])
+    pen = real.copy()
+    pen[60:120, :] = (20, 60, 170)  # blue marker stroke
+    eosin_only = np.zeros((256, 256, 3), np.uint8) + np.array([235, 150, 200], np.uint8)
+    gen = np.random.default_rng(0)
+    eosin_only = np.clip(eosin_only + gen.normal(0, 6, eosin_only.shape), 0, 255).astype(np.uint8)
+    near_empty = np.full((256, 256, 3), 245, np.uint8)
+    near_empty[100:110, 100:110] = (120, 60, 150)
+    gray = np.repeat(real.mean(axis=2, keepdims=True).astype(np.uint8), 3, axis=2)
+    return {
+        "white": np.full((256, 256, 3), 255, np.uint8),
+        "black": np.zeros((256, 256, 3), np.uint8),
+        "near_empty": near_empty,
+        "eosin_only": eosin_only,
+        "pen": pen,
+        "gray_as_rgb": gray,
+    }

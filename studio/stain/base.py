@@ -93,6 +93,7 @@ class StainNormalizer(ABC):
         min_tissue_pixels: int = 256,
         max_fit_pixels: int = 1 << 20,
         chunk_pixels: int = 1 << 19,
+        estimate_stride: int = 1,
         seed: int = 0,
         device: torch.device | str | None = None,
     ):
@@ -102,6 +103,9 @@ class StainNormalizer(ABC):
         self.min_tissue_pixels = int(min_tissue_pixels)
         self.max_fit_pixels = int(max_fit_pixels)
         self.chunk_pixels = int(chunk_pixels)
+        if estimate_stride < 1:
+            raise InputError("estimate_stride", f"{estimate_stride}; must be >= 1")
+        self.estimate_stride = int(estimate_stride)
         self.seed = int(seed)
         self.device = torch.device(device) if device is not None else None
         self.target: StainProfile = self.default_target()
@@ -118,12 +122,13 @@ class StainNormalizer(ABC):
 
     @abstractmethod
     def _estimate(
-        self, od: torch.Tensor, mask: torch.Tensor, rgb: torch.Tensor, full: bool = False
+        self, od: torch.Tensor, mask: torch.Tensor, rgb: torch.Tensor, pooled: bool = False
     ) -> tuple[Params, torch.Tensor]:
         """Estimate per-row parameters from ``(B, 3, N)`` pixels; return (params, ok (B,) bool).
 
-        ``full`` asks for the descriptive extras a saved profile carries (percentiles),
-        which per-tile transforms do not need."""
+        ``pooled`` marks one estimate over a whole pool (a slide's sampled tiles, a
+        reference): it adds the descriptive extras a saved profile carries (percentiles)
+        and skips guards that only make sense for single tiles."""
 
     @abstractmethod
     def _apply(self, tiles: torch.Tensor, source: Params, target: Params, od: torch.Tensor | None = None
@@ -181,7 +186,7 @@ class StainNormalizer(ABC):
         n_tissue = int(mask.sum())
         if n_tissue < self.min_tissue_pixels:
             return self._fallback_profile(source, n_tissue)
-        params, ok = self._estimate(od, mask, pixels, full=True)
+        params, ok = self._estimate(od, mask, pixels, pooled=True)
         if not bool(ok[0]):
             return self._fallback_profile(source, n_tissue)
         return self._profile_from_params(params, 0, n_tissue, source)
@@ -231,9 +236,18 @@ class StainNormalizer(ABC):
             b = batch.shape[0]
             flat = batch.reshape(b, 3, -1)
             od = self.od(flat)
-            mask = self._estimation_mask(od)
-            params, ok = self._estimate(od, mask, flat)
-            ok = ok & (mask.sum(dim=1) >= self.min_tissue_pixels)
+            if self.estimate_stride > 1:
+                # Per-tile statistics from every s-th pixel in both directions: s^2 times
+                # less estimation work, the transform itself still sees every pixel.
+                s = self.estimate_stride
+                est_rgb = batch[:, :, ::s, ::s].reshape(b, 3, -1)
+                est_od = od.reshape(batch.shape)[:, :, ::s, ::s].reshape(b, 3, -1)
+                min_pixels = max(2, self.min_tissue_pixels // (s * s))
+            else:
+                est_rgb, est_od, min_pixels = flat, od, self.min_tissue_pixels
+            mask = self._estimation_mask(est_od)
+            params, ok = self._estimate(est_od, mask, est_rgb)
+            ok = ok & (mask.sum(dim=1) >= min_pixels)
             backup = self._params_from_profile(fallback, device) if fallback is not None else target
             src = {k: torch.where(_expand_like(ok, v), v, backup[k].expand_as(v))
                    for k, v in params.items() if k in backup}

@@ -75,19 +75,18 @@ class ReinhardNormalizer(StainNormalizer):
     def _estimation_mask(self, od: torch.Tensor) -> torch.Tensor:
         return (od.amax(dim=1) >= self.beta) & (od.amin(dim=1) <= self.black_od)
 
-    def _estimate(self, od: torch.Tensor, mask: torch.Tensor, rgb: torch.Tensor, full: bool = False
+    def _estimate(self, od: torch.Tensor, mask: torch.Tensor, rgb: torch.Tensor, pooled: bool = False
                   ) -> tuple[Params, torch.Tensor]:
         count = mask.sum(dim=1)
         lab = rgb_to_lab(rgb.unsqueeze(-1)).squeeze(-1)  # (B, 3, N)
         mean, std = masked_mean_std(lab, mask, count)
         h_frac = hematoxylin_fraction(od, mask, count)
-        ok = (
-            (count >= 2)
-            & torch.isfinite(mean).all(dim=1)
-            & (std > 1e-3).all(dim=1)
-            & (h_frac >= self.min_stain_fraction)
-            & (h_frac <= 1.0 - self.min_stain_fraction)
-        )
+        ok = (count >= 2) & torch.isfinite(mean).all(dim=1) & (std > 1e-3).all(dim=1)
+        if not pooled:
+            # A single tile of one stain would be pushed to the reference's stain mix. The
+            # check classifies pixels with the fixed Ruifrok vectors, which unusual stains
+            # can fool, so a pooled (slide) estimate, where one stain is rare, skips it.
+            ok &= (h_frac >= self.min_stain_fraction) & (h_frac <= 1.0 - self.min_stain_fraction)
         return {"mean": mean, "std": std}, ok
 
     def _apply(self, tiles: torch.Tensor, source: Params, target: Params, od: torch.Tensor | None = None

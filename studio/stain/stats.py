@@ -10,6 +10,8 @@ the same rank rule as torchstain (``k = 1 + round(q/100 * (n - 1))``).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -40,10 +42,20 @@ def masked_percentile(
         n = count if count is not None else mask.sum(dim=1)
     rank = percentile_rank(n.clamp_min(1), q)  # 1-based among the masked values
     low_tail = q <= 50.0
-    # Distance of the wanted element from the end of the sorted order we take topk from.
-    depth = (rank - 1) if low_tail else (n - rank)
-    k = max(1, min(int(depth.max().item()) + 1, total))
-    masked = values if mask is None else values.masked_fill(~mask, float("inf") if low_tail else float("-inf"))
-    tail = torch.topk(masked, k, dim=1, largest=not low_tail, sorted=True).values
-    out = tail.gather(1, depth.clamp(0, k - 1).unsqueeze(1)).squeeze(1)
+    # Work on the low tail only: the high tail of v is the low tail of -v.
+    v = values if low_tail else values.neg()
+    depth = (rank - 1) if low_tail else (n - rank)  # 0-based rank from the tail's end
+    out = _topk_select(v, mask, depth, q if low_tail else 100.0 - q)
+    out = out if low_tail else out.neg()
     return torch.where(n > 0, out, torch.full_like(out, float("nan")))
+
+
+def _topk_select(v: torch.Tensor, mask: torch.Tensor | None, depth: torch.Tensor, tail: float) -> torch.Tensor:
+    """The ``depth``-th smallest masked value per row via ``topk`` of a bounded tail."""
+    b, total = v.shape
+    # A data-independent bound on the deepest rank any row needs: no host sync and one
+    # static shape (torch.compile / CUDA graphs).
+    k = max(1, min(total, int(math.ceil(min(tail, 100.0) / 100.0 * total)) + 2))
+    masked = v if mask is None else v.masked_fill(~mask, float("inf"))
+    top = torch.topk(masked, k, dim=1, largest=False, sorted=True).values
+    return top.gather(1, depth.clamp(0, k - 1).unsqueeze(1)).squeeze(1)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from studio.color import MACENKO_HE_REFERENCE, MACENKO_MAX_CONCENTRATION, od_to_rgb
+from studio.color import MACENKO_HE_REFERENCE, MACENKO_MAX_CONCENTRATION, channel_min, od_to_rgb
 from studio.stain.base import Params, StainNormalizer
 from studio.stain.macenko import order_he, stain_angle_deg
 from studio.stain.profile import StainProfile
@@ -99,7 +99,7 @@ class VahadaneNormalizer(StainNormalizer):
                             source="Macenko et al. H&E reference vectors (default)", params=self._hyperparams())
 
     def _estimation_mask(self, od: torch.Tensor) -> torch.Tensor:
-        lowest = od.amin(dim=1)
+        lowest = channel_min(od)
         return (lowest >= self.beta) & (lowest <= self.black_od)
 
     def _sample(self, od: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,7 +139,7 @@ class VahadaneNormalizer(StainNormalizer):
         matrix = matrix / matrix.norm(dim=1, keepdim=True).clamp_min(1e-8)
         return order_he(matrix[:, :, 0], matrix[:, :, 1])
 
-    def _estimate(self, od: torch.Tensor, mask: torch.Tensor, rgb: torch.Tensor, full: bool = False
+    def _estimate(self, od: torch.Tensor, mask: torch.Tensor, rgb: torch.Tensor, pooled: bool = False
                   ) -> tuple[Params, torch.Tensor]:
         count = mask.sum(dim=1)
         sample, weight = self._sample(od, mask)
@@ -155,7 +155,7 @@ class VahadaneNormalizer(StainNormalizer):
             & (stain_angle_deg(matrix) >= self.min_stain_angle)
         )
         params: Params = {"matrix": matrix, "max_c": max_c}
-        if full:
+        if pooled:
             params["percentiles"] = torch.stack(
                 [torch.stack([masked_percentile(conc[:, i], mask, q, count) for q in PERCENTILES], dim=1)
                  for i in range(2)], dim=1)
@@ -171,7 +171,7 @@ class VahadaneNormalizer(StainNormalizer):
         out_od = target["matrix"].expand(b, 3, 2) @ (conc * (target["max_c"] / source["max_c"]).unsqueeze(2))
         if self.keep_residual:
             out_od = out_od + od - src_matrix @ conc
-        return od_to_rgb(out_od, background=self.background).reshape(b, 3, h, w)
+        return od_to_rgb(out_od, background=self.background, inplace=True).reshape(b, 3, h, w)
 
     def _params_from_profile(self, profile: StainProfile, device: torch.device) -> Params:
         return {"matrix": profile.matrix(device).unsqueeze(0), "max_c": profile.max_conc(device).unsqueeze(0)}
