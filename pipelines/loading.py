@@ -1,0 +1,62 @@
+"""Loading pipelines and models from local folders, with errors that say what is wrong.
+
+``DiffusionPipeline.from_pretrained`` on a folder with a problem falls through to hub
+lookups and generic messages. Every studio pipeline validates the folder first: it must
+be a local diffusers layout (``model_index.json`` + one folder per component, each with
+``config.json``), weights must be ``.safetensors`` (pickled ``.bin``/``.ckpt`` files are
+never loaded), and nothing is fetched from the network.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from studio.errors import WeightsError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+NO_WEIGHTS = ("scheduler", "tokenizer", "feature_extractor", "image_processor")
+
+
+def check_pipeline_folder(folder: str | Path, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Validate a local pipeline folder; return its ``model_index.json``.
+
+    Raises:
+        WeightsError: missing folder or index, a missing component, a component without
+            config or safetensors weights, or pickled weights only.
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        raise WeightsError(folder, "no such pipeline folder (pipelines load from local folders only)")
+    if not folder.is_dir():
+        raise WeightsError(folder, "is a file; a pipeline is a folder with model_index.json")
+    index_path = folder / "model_index.json"
+    if not index_path.is_file():
+        raise WeightsError(folder, "has no model_index.json (not a diffusers pipeline folder)")
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise WeightsError(index_path, f"is not valid JSON ({exc})") from exc
+    components = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list)]
+    for name in required:
+        if name not in components:
+            raise WeightsError(index_path, f"lists no '{name}' component (has {', '.join(components)})")
+    for name in components:
+        sub = folder / name
+        if index[name][0] is None:  # an optional component saved as None
+            continue
+        if not sub.is_dir():
+            raise WeightsError(sub, f"missing: model_index.json lists component '{name}'")
+        configs = list(sub.glob("*config.json"))
+        if not configs:
+            raise WeightsError(sub, "has no config.json")
+        if name in NO_WEIGHTS:
+            continue
+        if not list(sub.glob("*.safetensors")):
+            pickled = [p.name for p in sub.iterdir() if p.suffix in PICKLE_SUFFIXES]
+            if pickled:
+                raise WeightsError(sub, f"holds only pickled weights ({', '.join(pickled)}); the studio loads "
+                                        f".safetensors only (convert them with safetensors.torch.save_file)")
+            raise WeightsError(sub, "has no .safetensors weights")
+    return index

@@ -1,0 +1,127 @@
+"""SSL encoders: one interface over the built-in CNN, transformers folders and timm."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.encoders import (
+    BuiltinEncoder,
+    EmbeddingCache,
+    PatchEncoder,
+    TransformersEncoder,
+    load_encoder,
+    load_model_folder,
+)
+from studio.data.samples import load_sample
+from studio.errors import InputError, WeightsError
+from studio.io import to_tensor
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tiles() -> torch.Tensor:
+    image = load_sample("tiatoolbox_target")
+    return to_tensor(np.stack([image[:256, :256], image[300:556, 300:556]]))
+
+
+@pytest.fixture(scope="module")
+def builtin_folder(tmp_path_factory):
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("enc") / "patch-encoder"
+    model = PatchEncoder(embed_dim=16, channels=(8, 8, 16, 16, 16))
+    # Calibrate BatchNorm statistics on real patches (as training would), else a random
+    # network in eval mode maps every input to nearly the same vector.
+    image = load_sample("skin")
+    patches = to_tensor(np.stack([image[y:y + 64, x:x + 64] for y in range(0, 640, 64) for x in range(0, 640, 64)]))
+    for layer in model.modules():
+        if isinstance(layer, torch.nn.BatchNorm2d):
+            layer.momentum = None  # cumulative average: one pass calibrates
+            layer.reset_running_stats()
+    model.train()
+    with torch.no_grad():
+        model(patches)
+    model.eval().save_pretrained(folder)
+    return folder
+
+
+def test_builtin_encoder_grid_and_global_tokens(builtin_folder, tiles):
+    enc = load_encoder(builtin_folder)
+    assert isinstance(enc, BuiltinEncoder) and enc.dim == 16 and enc.identity.startswith("builtin:")
+    grid = enc.embed(tiles, grid=(4, 4))
+    glob = enc.embed(tiles)
+    assert grid.shape == (2, 16, 16) and glob.shape == (2, 1, 16)
+    torch.testing.assert_close(glob[:, 0], grid.mean(dim=1), atol=1e-5, rtol=1e-5)
+    # A token describes its own patch: the top-left token only depends on the top-left 64 px.
+    edited = tiles.clone()
+    edited[:, :, 128:, 128:] = 1.0
+    again = enc.embed(edited, grid=(4, 4))
+    torch.testing.assert_close(again[:, 0], grid[:, 0])
+    assert (again[:, 15] - grid[:, 15]).abs().max() > 1e-3
+    # Coarser grids pool the patch tokens.
+    assert enc.embed(tiles, grid=(2, 2)).shape == (2, 4, 16)
+
+
+def test_transformers_backend_on_a_small_random_vit_folder(tmp_path, tiles):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTConfig(image_size=64, patch_size=16, hidden_size=32, num_hidden_layers=2,
+                                    num_attention_heads=2, intermediate_size=64)
+    folder = tmp_path / "tiny-vit"
+    transformers.ViTModel(config).save_pretrained(folder, safe_serialization=True)
+    enc = load_encoder(folder)
+    assert isinstance(enc, TransformersEncoder) and enc.dim == 32
+    assert enc.embed(tiles).shape == (2, 1, 32)
+    assert enc.embed(tiles, grid=(4, 4)).shape == (2, 16, 32)
+    assert enc.embed(tiles, grid=(2, 2)).shape == (2, 4, 32)
+    (folder / "model.safetensors").unlink()
+    torch.save({"x": torch.zeros(1)}, folder / "pytorch_model.bin")
+    with pytest.raises(WeightsError, match="no .safetensors weights"):
+        load_encoder(folder)
+
+
+def test_timm_backend_skips_without_timm():
+    timm = pytest.importorskip("timm")  # needs torchvision: absent beside the CPU torch
+    assert timm is not None
+
+
+def test_cache_returns_identical_embeddings_without_recomputing(builtin_folder, tiles, tmp_path):
+    enc = load_encoder(builtin_folder)
+    calls = []
+    original = enc.embed
+
+    def counting(t, grid=None):
+        calls.append(len(t))
+        return original(t, grid)
+
+    enc.embed = counting  # type: ignore[method-assign]
+    cache = EmbeddingCache(tmp_path / "cache")
+    first = cache.embed(enc, tiles, grid=(4, 4))
+    second = cache.embed(enc, tiles, grid=(4, 4))
+    torch.testing.assert_close(first, second)
+    assert calls == [2]
+    cache.embed(enc, torch.cat([tiles, tiles.flip(3)]), grid=(4, 4))
+    assert calls == [2, 2]  # only the two new tiles were embedded
+    assert len(list((tmp_path / "cache").rglob("*.npy"))) == 4
+
+
+def test_bad_encoder_inputs_and_folders(builtin_folder, tmp_path):
+    enc = load_encoder(builtin_folder)
+    with pytest.raises(InputError, match="expected a float tensor"):
+        enc.embed(torch.zeros(3, 64, 64))
+    with pytest.raises(InputError, match="dtype"):
+        enc.embed(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+    with pytest.raises(WeightsError, match="no such model folder"):
+        load_model_folder(PatchEncoder, tmp_path / "missing")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text((builtin_folder / "config.json").read_text())
+    (bad / "diffusion_pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(WeightsError, match="pickled formats are not loaded"):
+        load_encoder(bad)
+    (bad / "diffusion_pytorch_model.safetensors").write_bytes(b"corrupt")
+    with pytest.raises(WeightsError, match="cannot load PatchEncoder"):
+        load_encoder(bad)
+    with pytest.raises(WeightsError, match="no config.json"):
+        load_encoder(tmp_path)

@@ -1,0 +1,244 @@
+"""Train the embedding-conditioned latent diffusion model (``EmbeddingToImagePipeline``).
+
+    python -m training.ldm --config training/recipes/ldm.yaml [--resume latest]
+
+In the style of diffusers' ``train_text_to_image.py``: a frozen VAE and a frozen encoder
+produce (latent, tokens) pairs; the UNet (and the small conditioner that turns tokens into
+cross-attention states and a spatial map) learns to predict the noise; tokens are replaced
+by the learned null embedding with probability ``cfg_dropout`` (classifier-free guidance);
+EMA weights; resumable ``Accelerator`` checkpoints; validation grids during training.
+
+Data: random ``crop_size`` crops of the *train* regions of the real samples, flips and
+90-degree rotations (no stain jitter: generated colours should follow the data). Each crop
+is encoded on the fly: latents by the VAE, tokens by the encoder on the conditioner's grid
+(one token per ``token_pixels`` square). Validation conditions on held-out crops and
+reports how close the generated images' embeddings come to their conditioning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from training.data import CropSampler
+from training.utils import MetricsLog, load_config, resume_path
+
+
+@dataclass
+class LDMConfig:
+    output_dir: str = "runs/ldm"
+    vae: str = "checkpoints/tile-vae"
+    encoder: str = "checkpoints/ssl-encoder"
+    seed: int = 0
+    crop_size: int = 128
+    batch_size: int = 16
+    max_steps: int = 20000
+    learning_rate: float = 3e-4
+    warmup_steps: int = 500
+    cfg_dropout: float = 0.1
+    ema_decay: float = 0.999
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    validate_every: int = 2000
+    validation_steps: int = 25
+    guidance_scale: float = 2.0
+    threads: int = 1
+    mixed_precision: str = "no"
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"
+    # model
+    block_out_channels: tuple[int, ...] = (64, 128, 128)
+    layers_per_block: int = 1
+    attention_head_dim: int = 32
+    cross_attention_dim: int = 128
+    map_channels: int = 8
+    token_pixels: int = 64
+
+
+def build_models(cfg: LDMConfig, vae, embed_dim: int):
+    from diffusers import UNet2DConditionModel
+
+    from pipelines.conditioning import EmbeddingConditioner
+
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    conditioner = EmbeddingConditioner(embed_dim=embed_dim, cross_attention_dim=cfg.cross_attention_dim,
+                                       map_channels=cfg.map_channels, token_pixels=cfg.token_pixels,
+                                       latent_factor=factor)
+    n = len(cfg.block_out_channels)
+    unet = UNet2DConditionModel(
+        sample_size=cfg.crop_size // factor, in_channels=vae.config.latent_channels + cfg.map_channels,
+        out_channels=vae.config.latent_channels, block_out_channels=tuple(cfg.block_out_channels),
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+        layers_per_block=cfg.layers_per_block, cross_attention_dim=cfg.cross_attention_dim,
+        attention_head_dim=cfg.attention_head_dim, norm_num_groups=32,
+    )
+    return unet, conditioner
+
+
+class Denoiser(torch.nn.Module):
+    """UNet + conditioner as one trainable module (one optimizer, one EMA, one prepare)."""
+
+    def __init__(self, unet, conditioner):
+        super().__init__()
+        self.unet = unet
+        self.conditioner = conditioner
+
+    def forward(self, noisy: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor, grid: tuple[int, int]):
+        states, spatial = self.conditioner(tokens, grid, tuple(noisy.shape[-2:]))
+        return self.unet(torch.cat([noisy, spatial], dim=1), t, encoder_hidden_states=states).sample
+
+
+@torch.no_grad()
+def encode_batch(vae, encoder, tiles: torch.Tensor, grid: tuple[int, int], generator: torch.Generator):
+    latents = vae.encode(tiles * 2 - 1).latent_dist.sample(generator) * vae.config.scaling_factor
+    return latents, encoder.embed(tiles, grid=grid)
+
+
+def lr_at(step: int, cfg: LDMConfig) -> float:
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def make_pipeline(vae, unet, conditioner, cfg: LDMConfig):
+    from diffusers import DPMSolverMultistepScheduler
+
+    from pipelines.embedding_to_image import EmbeddingToImagePipeline
+
+    scheduler = DPMSolverMultistepScheduler(num_train_timesteps=cfg.num_train_timesteps,
+                                            beta_schedule=cfg.beta_schedule, algorithm_type="dpmsolver++")
+    return EmbeddingToImagePipeline(vae=vae, unet=unet, conditioner=conditioner, scheduler=scheduler)
+
+
+@torch.no_grad()
+def validate(pipe, encoder, tiles: torch.Tensor, grid: tuple[int, int], cfg: LDMConfig, out_png: Path) -> dict:
+    from studio.io import to_uint8
+    from studio.report import contact_sheet, save_png
+
+    tokens = encoder.embed(tiles, grid=grid)
+    size = tiles.shape[-1]
+    images = pipe(tokens, height=size, width=size, num_inference_steps=cfg.validation_steps,
+                  guidance_scale=cfg.guidance_scale, generator=torch.Generator().manual_seed(0),
+                  output_type="pt", progress=False).images
+    generated = encoder.embed(images, grid=None)[:, 0]
+    conditions = tokens.mean(dim=1)
+    cos = F.cosine_similarity(generated[:, None], conditions[None], dim=-1)  # (gen, cond)
+    matched = cos.diag().mean().item()
+    off = cos[~torch.eye(len(cos), dtype=torch.bool)].mean().item()
+    save_png(contact_sheet([("held-out real tiles (conditions)", [(f"{i}", t) for i, t in enumerate(to_uint8(tiles))]),
+                            (f"generated (cosine to own condition {matched:.3f}, to others {off:.3f})",
+                             [(f"{i}", t) for i, t in enumerate(to_uint8(images))])], cell=128), out_png)
+    return {"val_cosine_matched": matched, "val_cosine_random": off}
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, default=Path(__file__).parent / "recipes" / "ldm.yaml")
+    parser.add_argument("--resume", default=None)
+    parser.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument("--output-dir", default=None)
+    parser.add_argument("--vae", default=None)
+    parser.add_argument("--encoder", default=None)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    cfg = load_config(LDMConfig, args.config, {"max_steps": args.max_steps, "output_dir": args.output_dir,
+                                               "vae": args.vae, "encoder": args.encoder, "threads": args.threads})
+    torch.set_num_threads(cfg.threads)
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from diffusers import AutoencoderKL, DDPMScheduler
+    from diffusers.training_utils import EMAModel
+
+    from pipelines.encoders import load_encoder, load_model_folder
+    from studio.data.splits import regions
+    from studio.io import to_tensor
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, project_dir=str(out))
+    set_seed(cfg.seed)
+    vae = load_model_folder(AutoencoderKL, Path(cfg.vae)).eval().requires_grad_(False).to(accelerator.device)
+    encoder = load_encoder(cfg.encoder, device=accelerator.device)
+    unet, conditioner = build_models(cfg, vae, encoder.dim)
+    denoiser = Denoiser(unet, conditioner)
+    noise_scheduler = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule)
+    optimizer = torch.optim.AdamW(denoiser.parameters(), lr=cfg.learning_rate, weight_decay=1e-4)
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg))
+    denoiser, optimizer, lr_scheduler = accelerator.prepare(denoiser, optimizer, lr_scheduler)
+    ema = EMAModel(accelerator.unwrap_model(denoiser).parameters(), decay=cfg.ema_decay)
+    accelerator.register_for_checkpointing(ema)
+
+    start = 0
+    checkpoint = resume_path(out, args.resume)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        start = json.loads((checkpoint / "step.json").read_text())["step"]
+        accelerator.print(f"resumed from {checkpoint} at step {start}")
+
+    grid = conditioner.grid_for(cfg.crop_size, cfg.crop_size)
+    sampler = CropSampler(list(regions("train").values()), cfg.crop_size, min_tissue=0.5, seed=cfg.seed)
+    val_tiles = to_tensor(CropSampler(list(regions("heldout").values()), cfg.crop_size, min_tissue=0.6,
+                                      seed=99).crops(0, 8)).to(accelerator.device)
+    log = MetricsLog(out)
+    for step in range(start, cfg.max_steps):
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        tiles = to_tensor(sampler.crops(step, cfg.batch_size)).to(accelerator.device)
+        latents, tokens = encode_batch(vae, encoder, tiles, grid, gen)
+        model = accelerator.unwrap_model(denoiser)
+        tokens = model.conditioner.drop(tokens, cfg.cfg_dropout, gen)
+        noise = torch.randn(latents.shape, generator=gen).to(latents)
+        t = torch.randint(0, cfg.num_train_timesteps, (latents.shape[0],), generator=gen).to(latents.device)
+        noisy = noise_scheduler.add_noise(latents, noise, t)
+        with accelerator.accumulate(denoiser):
+            loss = F.mse_loss(denoiser(noisy, t, tokens, grid), noise)
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(denoiser.parameters(), 1.0)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad()
+        ema.step(accelerator.unwrap_model(denoiser).parameters())
+        done = step + 1
+        if done % 25 == 0:
+            log.write(step=done, loss=loss.item(), lr=lr_scheduler.get_last_lr()[0])
+        if done % cfg.validate_every == 0 or done == cfg.max_steps:
+            model = accelerator.unwrap_model(denoiser)
+            ema.store(model.parameters())
+            ema.copy_to(model.parameters())
+            model.eval()
+            pipe = make_pipeline(vae, model.unet, model.conditioner, cfg)
+            metrics = validate(pipe, encoder, val_tiles, grid, cfg, out / "validation" / f"step_{done:06d}.png")
+            model.train()
+            ema.restore(model.parameters())
+            log.write(step=done, **metrics)
+            accelerator.print(f"step {done}: loss {loss.item():.4f} {metrics}")
+        if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
+            path = out / "checkpoints" / f"checkpoint_{done}"
+            accelerator.save_state(str(path), safe_serialization=True)
+            (path / "step.json").write_text(json.dumps({"step": done}))
+            old = sorted(path.parent.iterdir(), key=lambda p: int(p.name.split("_")[1]))
+            for stale in old[:-cfg.keep_checkpoints]:
+                shutil.rmtree(stale, ignore_errors=True)
+
+    model = accelerator.unwrap_model(denoiser)
+    ema.copy_to(model.parameters())
+    model.eval()
+    final = out / "final"
+    make_pipeline(vae, model.unet, model.conditioner, cfg).save_pretrained(final)
+    (final / "encoder.json").write_text(json.dumps({"encoder": cfg.encoder, "embed_dim": encoder.dim,
+                                                    "identity": encoder.identity}, indent=2))
+    accelerator.print(f"wrote {final}")
+    return final
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""Train the tile autoencoder: a diffusers ``AutoencoderKL`` for H&E tiles.
+
+    python -m training.vae --config training/recipes/vae.yaml            # start
+    python -m training.vae --config training/recipes/vae.yaml --resume latest
+
+In the style of diffusers' training examples: config at the top (a YAML recipe), an
+``Accelerator`` for devices / mixed precision / checkpoint state, an EMA of the weights,
+validation reconstructions logged during training, ``save_pretrained`` at the end.
+
+Objective: L1 + ``ssim_weight`` * (1 - SSIM) + ``kl_weight`` * KL. No perceptual or
+adversarial term: those need a downloaded network. Data: random crops of the *train*
+regions of the shipped real H&E (``studio.data.splits``) with flips, 90-degree rotations
+and stain jitter; validation on fixed 256x256 tiles of the held-out regions.
+
+The autoencoder has no attention in its mid block, so it is fully convolutional: trained
+on small crops, it encodes tiles and slides of any size. ``scaling_factor`` (the
+diffusers convention: latents are multiplied by it before diffusion) is set at the end
+to 1 / std of the training latents.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torchmetrics.functional import structural_similarity_index_measure
+
+from training.data import CropSampler
+from training.utils import MetricsLog, load_config, resume_path
+
+
+@dataclass
+class VAEConfig:
+    output_dir: str = "runs/vae"
+    seed: int = 0
+    crop_size: int = 64
+    batch_size: int = 16
+    max_steps: int = 6000
+    learning_rate: float = 1e-3
+    warmup_steps: int = 200
+    ssim_weight: float = 0.25
+    kl_weight: float = 1e-6
+    ema_decay: float = 0.999
+    checkpoint_every: int = 250
+    keep_checkpoints: int = 2
+    validate_every: int = 500
+    threads: int = 1
+    mixed_precision: str = "no"
+    stain_jitter: bool = True
+    # model
+    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    layers_per_block: int = 1
+    latent_channels: int = 4
+    norm_num_groups: int = 16
+
+
+def build_model(cfg: VAEConfig):
+    from diffusers import AutoencoderKL
+
+    n = len(cfg.block_out_channels)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=tuple(cfg.block_out_channels),
+        layers_per_block=cfg.layers_per_block, latent_channels=cfg.latent_channels,
+        norm_num_groups=cfg.norm_num_groups, mid_block_add_attention=False, sample_size=256,
+    )
+
+
+def vae_loss(model, tiles: torch.Tensor, cfg: VAEConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    posterior = model.encode(tiles * 2 - 1).latent_dist  # diffusers VAEs take [-1, 1]
+    recon = (model.decode(posterior.sample()).sample + 1) / 2
+    l1 = F.l1_loss(recon, tiles)
+    ssim = structural_similarity_index_measure(recon.clamp(0, 1), tiles, data_range=1.0)
+    kl = posterior.kl().mean()
+    loss = l1 + cfg.ssim_weight * (1 - ssim) + cfg.kl_weight * kl
+    return loss, {"l1": l1.item(), "ssim": ssim.item(), "kl": kl.item()}
+
+
+@torch.no_grad()
+def reconstruct(model, tiles: torch.Tensor) -> torch.Tensor:
+    """Deterministic reconstruction (posterior mode) of float tiles in [0, 1]."""
+    latents = model.encode(tiles * 2 - 1).latent_dist.mode()
+    return ((model.decode(latents).sample + 1) / 2).clamp(0, 1)
+
+
+def validate(model, tiles: torch.Tensor, out_png: Path) -> dict[str, float]:
+    from studio.io import to_uint8
+    from studio.metrics import psnr, ssim
+    from studio.report import contact_sheet, save_png
+
+    recon = torch.cat([reconstruct(model, tiles[i:i + 4]) for i in range(0, len(tiles), 4)])
+    metrics = {"val_psnr": psnr(recon, tiles).mean().item(), "val_ssim": ssim(recon, tiles).mean().item()}
+    originals, recons = to_uint8(tiles), to_uint8(recon)
+    save_png(contact_sheet([("held-out real tiles", [(f"tile {i}", t) for i, t in enumerate(originals)]),
+                            (f"reconstruction (PSNR {metrics['val_psnr']:.2f} dB)",
+                             [(f"tile {i}", t) for i, t in enumerate(recons)])], cell=160), out_png)
+    return metrics
+
+
+def lr_at(step: int, cfg: VAEConfig) -> float:
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, default=Path(__file__).parent / "recipes" / "vae.yaml")
+    parser.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
+    parser.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument("--output-dir", default=None)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    cfg = load_config(VAEConfig, args.config, {"max_steps": args.max_steps, "output_dir": args.output_dir,
+                                               "threads": args.threads})
+    torch.set_num_threads(cfg.threads)
+
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from diffusers import AutoencoderKL
+    from diffusers.training_utils import EMAModel
+
+    from studio.data.splits import regions, tissue_tiles
+    from studio.io import to_tensor
+    from studio.stain.augment import StainAugment
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, project_dir=str(out))
+    set_seed(cfg.seed)
+    model = build_model(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=1e-4)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    ema = EMAModel(accelerator.unwrap_model(model).parameters(), decay=cfg.ema_decay, model_cls=AutoencoderKL,
+                   model_config=accelerator.unwrap_model(model).config)
+
+    start = 0
+    checkpoint = resume_path(out, args.resume)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        ema_loaded = EMAModel.from_pretrained(str(checkpoint / "ema"), model_cls=AutoencoderKL)
+        ema.load_state_dict(ema_loaded.state_dict())
+        start = json.loads((checkpoint / "step.json").read_text())["step"]
+        accelerator.print(f"resumed from {checkpoint} at step {start}")
+
+    sampler = CropSampler(list(regions("train").values()), cfg.crop_size,
+                          stain=StainAugment() if cfg.stain_jitter else None, seed=cfg.seed)
+    val_tiles = to_tensor(tissue_tiles("heldout", 256, min_tissue=0.6)[::3][:8])
+    log = MetricsLog(out)
+    model.train()
+    for step in range(start, cfg.max_steps):
+        tiles = sampler.batch(step, cfg.batch_size).to(accelerator.device)
+        with accelerator.accumulate(model):
+            loss, parts = vae_loss(model, tiles, cfg)
+            accelerator.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+        ema.step(accelerator.unwrap_model(model).parameters())
+        done = step + 1
+        if done % 25 == 0:
+            log.write(step=done, loss=loss.item(), lr=scheduler.get_last_lr()[0], **parts)
+        if done % cfg.validate_every == 0 or done == cfg.max_steps:
+            unwrapped = accelerator.unwrap_model(model)
+            ema.store(unwrapped.parameters())
+            ema.copy_to(unwrapped.parameters())
+            unwrapped.eval()
+            metrics = validate(unwrapped, val_tiles.to(accelerator.device), out / "validation" / f"step_{done:06d}.png")
+            unwrapped.train()
+            ema.restore(unwrapped.parameters())
+            log.write(step=done, **metrics)
+            accelerator.print(f"step {done}: loss {loss.item():.4f} {metrics}")
+        if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
+            save_checkpoint(accelerator, ema, out, done, cfg.keep_checkpoints)
+
+    final = out / "final"
+    unwrapped = accelerator.unwrap_model(model)
+    ema.copy_to(unwrapped.parameters())
+    unwrapped.eval()
+    unwrapped.register_to_config(scaling_factor=latent_scaling_factor(unwrapped, sampler))
+    unwrapped.save_pretrained(final, safe_serialization=True)
+    accelerator.print(f"wrote {final}")
+    return final
+
+
+def save_checkpoint(accelerator, ema, out: Path, step: int, keep: int) -> Path:
+    path = out / "checkpoints" / f"checkpoint_{step}"
+    accelerator.save_state(str(path), safe_serialization=True)
+    ema.save_pretrained(str(path / "ema"))
+    (path / "step.json").write_text(json.dumps({"step": step}))
+    old = sorted((p for p in path.parent.iterdir() if p.name.startswith("checkpoint_")),
+                 key=lambda p: int(p.name.split("_")[1]))
+    for stale in old[:-keep]:
+        shutil.rmtree(stale, ignore_errors=True)
+    return path
+
+
+@torch.no_grad()
+def latent_scaling_factor(model, sampler: CropSampler, batches: int = 8) -> float:
+    """1 / std of posterior-mode latents over training crops (diffusers' convention)."""
+    latents = [model.encode(sampler.batch(10_000_000 + i, 16) * 2 - 1).latent_dist.mode() for i in range(batches)]
+    return float(1.0 / torch.cat(latents).std().item())
+
+
+if __name__ == "__main__":
+    main()
