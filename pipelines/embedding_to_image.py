@@ -6,6 +6,7 @@ model guided by self-supervised embeddings; large images from a grid of embeddin
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -119,15 +120,16 @@ class EmbeddingToImagePipeline(DiffusionPipeline):
         b, _, h, w = latents.shape
         if h <= window and w <= window:
             return self.unet(torch.cat([latents, spatial], dim=1), t, encoder_hidden_states=states).sample
-        token = self.conditioner.token_latent
+        gh, gw = grid
+        cell_h, cell_w = h / gh, w / gw  # latent pixels per token (any grid density)
         total = torch.zeros_like(latents)
         weight = torch.zeros(1, 1, h, w, device=latents.device, dtype=latents.dtype)
         ramp = self.window_weights(window, latents.device, latents.dtype)
-        gh, gw = grid
         for y in self.window_starts(h, window, stride):
             for x in self.window_starts(w, window, stride):
-                rows = range(min(y // token, gh - 1), min((y + window - 1) // token, gh - 1) + 1)
-                cols = range(min(x // token, gw - 1), min((x + window - 1) // token, gw - 1) + 1)
+                # The tokens whose cells the window overlaps attend with it.
+                rows = range(min(int(y // cell_h), gh - 1), min(int((y + window - 1) // cell_h), gh - 1) + 1)
+                cols = range(min(int(x // cell_w), gw - 1), min(int((x + window - 1) // cell_w), gw - 1) + 1)
                 if states.shape[1] == 1:
                     local = states
                 else:
@@ -146,6 +148,7 @@ class EmbeddingToImagePipeline(DiffusionPipeline):
         embeddings: torch.Tensor,
         height: int = 256,
         width: int = 256,
+        grid: tuple[int, int] | None = None,
         num_inference_steps: int = 20,
         guidance_scale: float = 2.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -155,12 +158,16 @@ class EmbeddingToImagePipeline(DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         progress: bool = True,
+        callback_on_step_end: Callable[[DiffusionPipeline, int, torch.Tensor, dict], dict] | None = None,
     ) -> EmbeddingToImagePipelineOutput | tuple:
         r"""Generate one image per row of ``embeddings``.
 
         Args:
-            embeddings: ``(B, N, D)`` tokens from an encoder (``N = 1`` global, or the
-                row-major grid for ``height`` x ``width``; see ``conditioner.grid_for``).
+            embeddings: ``(B, N, D)`` tokens from an encoder (``N = 1`` global, or a
+                row-major grid: by default one token per ``conditioner.config.token_pixels``
+                square, see ``conditioner.grid_for``).
+            grid: the token grid when it is coarser or finer than the default, e.g.
+                ``(4, 4)`` global tile embeddings for a 1024x1024 image (Graikos et al.).
             height, width: output size in pixels (multiples of the VAE factor; any size:
                 beyond ``window`` the image is denoised in overlapping windows).
             num_inference_steps: scheduler steps.
@@ -170,6 +177,8 @@ class EmbeddingToImagePipeline(DiffusionPipeline):
             window: window side in latent pixels for large images (default: the UNet's
                 ``sample_size`` x 2); ``overlap``: fraction of the window shared by neighbours.
             output_type: "pil", "np" (float ``(B, H, W, 3)`` in [0, 1]) or "pt".
+            callback_on_step_end: ``f(pipe, step, timestep, {"latents": ...})`` after each
+                step (diffusers' convention; e.g. a progress bar).
 
         Examples:
             >>> from pipelines.encoders import load_encoder
@@ -185,7 +194,7 @@ class EmbeddingToImagePipeline(DiffusionPipeline):
             raise InputError("height/width", f"{height}x{width} must be multiples of {factor}")
         if output_type not in ("pil", "np", "pt"):
             raise InputError("output_type", f"{output_type!r}; use pil, np or pt")
-        grid = self.conditioner.grid_for(height, width)
+        grid = tuple(grid) if grid is not None else self.conditioner.grid_for(height, width)
         tokens = embeddings.to(self.device, self.unet.dtype)
         self.conditioner.check(tokens, grid)
         batch = tokens.shape[0]
@@ -208,7 +217,8 @@ class EmbeddingToImagePipeline(DiffusionPipeline):
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
 
         # 3. denoising loop: predict noise (guided), step the scheduler
-        for t in self.progress_bar(self.scheduler.timesteps) if progress else self.scheduler.timesteps:
+        timesteps = self.scheduler.timesteps
+        for i, t in enumerate(self.progress_bar(timesteps) if progress else timesteps):
             model_in = torch.cat([latents] * 2) if do_cfg else latents
             model_in = self.scheduler.scale_model_input(model_in, t)
             noise = self.predict_noise(model_in, t, spatial, states, grid, window, stride)
@@ -216,6 +226,8 @@ class EmbeddingToImagePipeline(DiffusionPipeline):
                 uncond, cond = noise.chunk(2)
                 noise = uncond + guidance_scale * (cond - uncond)
             latents = self.scheduler.step(noise, t, latents, generator=generator).prev_sample
+            if callback_on_step_end is not None:
+                latents = callback_on_step_end(self, i, t, {"latents": latents}).get("latents", latents)
 
         # 4. decode
         images = self.decode(latents)

@@ -34,6 +34,8 @@ app = typer.Typer(
 data_app = typer.Typer(help="Make, convert and inspect datasets (real samples, tissue phantom).",
                        no_args_is_help=True)
 app.add_typer(data_app, name="data")
+generate_app = typer.Typer(help="Generate synthetic H&E with the diffusion pipelines.", no_args_is_help=True)
+app.add_typer(generate_app, name="generate")
 
 
 # --------------------------------------------------------------------------- info
@@ -257,6 +259,88 @@ def normalize(
         for unit_id, error in report.failed.items():
             err_console.print(f"[red]failed[/] {unit_id}: {error}")
         raise typer.Exit(1)
+
+
+# --------------------------------------------------------------------------- embed / generate
+def _default_checkpoint(name: str) -> str:
+    from studio.info import checkpoints_dir
+
+    return str(checkpoints_dir() / name)
+
+
+@app.command()
+def embed(
+    inputs: Annotated[list[str], typer.Argument(help="Images or sample names to embed.", show_default=False)],
+    out: Annotated[Path, typer.Option(help="Output .safetensors file (embeddings (B, N, D) + metadata).")],
+    encoder: Annotated[str, typer.Option(help="builtin, a local model folder, or timm:ARCH:WEIGHTS.")] = "builtin",
+    grid: Annotated[str | None, typer.Option(help="Token grid ROWSxCOLS (default: one global token).")] = None,
+    size: Annotated[int, typer.Option(help="Images are centre-cropped and resized to SIZE x SIZE first.")] = 256,
+    device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
+) -> None:
+    """Embed tiles with an SSL encoder into an embeddings file for `generate embedding`."""
+    from pipelines.generation import embed_to_file, parse_grid
+
+    path, count = embed_to_file(inputs, out, encoder, parse_grid(grid), size, device)
+    console.print(f"wrote {count} embeddings ({grid or 'global'}) to {path}")
+
+
+@generate_app.command("embedding")
+def generate_embedding(
+    out: Annotated[Path, typer.Option(help="Output folder (PNGs, contact sheet, manifest).")],
+    from_: Annotated[str | None, typer.Option("--from", help="Source tile or region: an image path or a sample "
+                                                             "name.")] = None,
+    embeddings: Annotated[Path | None, typer.Option(help="A .safetensors embeddings file instead of --from.")
+                          ] = None,
+    n: Annotated[int, typer.Option("--n", help="Images per source / per embedding.")] = 4,
+    steps: Annotated[int, typer.Option(help="Sampling steps.")] = 20,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 2.0,
+    large: Annotated[str | None, typer.Option(help="WIDTHxHEIGHT: one large image from the source region's "
+                                                   "embedding grid (seamless, shared latent canvas).")] = None,
+    grid: Annotated[str | None, typer.Option(help="Embedding grid for --large (default 4x4).")] = None,
+    size: Annotated[int, typer.Option(help="Tile size for variations.")] = 256,
+    checkpoint: Annotated[str | None, typer.Option(help="Pipeline folder (default: the shipped demo).")] = None,
+    encoder: Annotated[str, typer.Option(help="Encoder (auto: the one the checkpoint was trained with).")
+                       ] = "auto",
+    scheduler: Annotated[str, typer.Option(help="dpm, ddim or euler.")] = "dpm",
+    seed: Annotated[int, typer.Option(help="Seed of the first image (image i uses seed+i).")] = 0,
+    device: Annotated[str, typer.Option(help="torch device (cpu, cuda).")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="float32, bf16 or fp16 (GPU).")] = "float32",
+) -> None:
+    """Generate H&E conditioned on SSL embeddings: variations of a tile, or large images."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from pipelines.generation import (
+        GenerationSettings,
+        parse_grid,
+        parse_size,
+        run_from_embeddings,
+        run_large,
+        run_variations,
+    )
+
+    if (from_ is None) == (embeddings is None):
+        raise HistostudioError("give exactly one of --from TILE and --embeddings FILE")
+    if n < 1 or steps < 1:
+        raise HistostudioError("--n and --steps must be at least 1")
+    settings = GenerationSettings(checkpoint=checkpoint or _default_checkpoint("embedding-ldm"), encoder=encoder,
+                                  steps=steps, guidance=guidance, seed=seed, scheduler=scheduler, device=device,
+                                  dtype=dtype)
+    with Progress(TextColumn("[bold]sampling"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console) as progress:
+        task = progress.add_task("sampling", total=None)
+
+        def step(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        if embeddings is not None:
+            written = run_from_embeddings(embeddings, n, out, settings, size=size, step=step)
+        elif large:
+            written = run_large(from_, parse_size(large), parse_grid(grid) or (4, 4), out, settings, n=n,
+                                step=step)
+        else:
+            written = run_variations(from_, n, out, settings, size=size, step=step)
+    for label, path in written:
+        console.print(f"wrote {label}: {path}")
 
 
 def main() -> None:

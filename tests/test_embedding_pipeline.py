@@ -10,12 +10,10 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (
-    AutoencoderKL,
-    DDIMScheduler,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
-    UNet2DConditionModel,
 )
+from factories import DIM, tiny_pipeline
 from PIL import Image
 
 from pipelines.conditioning import EmbeddingConditioner
@@ -23,25 +21,6 @@ from pipelines.embedding_to_image import EmbeddingToImagePipeline
 from studio.errors import InputError, WeightsError
 
 torch.set_num_threads(1)
-DIM = 16
-
-
-def tiny_pipeline(seed: int = 0) -> EmbeddingToImagePipeline:
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-                        block_out_channels=(16, 16, 16), layers_per_block=1, latent_channels=4, norm_num_groups=8,
-                        mid_block_add_attention=False)
-    conditioner = EmbeddingConditioner(embed_dim=DIM, cross_attention_dim=16, map_channels=2)
-    unet = UNet2DConditionModel(sample_size=8, in_channels=6, out_channels=4, block_out_channels=(16, 32),
-                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1,
-                                cross_attention_dim=16, attention_head_dim=8, norm_num_groups=8)
-    with torch.no_grad():
-        conditioner.null_embedding.normal_()
-    return EmbeddingToImagePipeline(vae=vae, unet=unet, conditioner=conditioner,
-                                    scheduler=DDIMScheduler(num_train_timesteps=100))
-
-
 @pytest.fixture(scope="module")
 def pipe() -> EmbeddingToImagePipeline:
     return tiny_pipeline()

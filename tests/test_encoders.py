@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from factories import tiny_encoder
 
 from pipelines.encoders import (
     BuiltinEncoder,
@@ -29,22 +30,7 @@ def tiles() -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def builtin_folder(tmp_path_factory):
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("enc") / "patch-encoder"
-    model = PatchEncoder(embed_dim=16, channels=(8, 8, 16, 16, 16))
-    # Calibrate BatchNorm statistics on real patches (as training would), else a random
-    # network in eval mode maps every input to nearly the same vector.
-    image = load_sample("skin")
-    patches = to_tensor(np.stack([image[y:y + 64, x:x + 64] for y in range(0, 640, 64) for x in range(0, 640, 64)]))
-    for layer in model.modules():
-        if isinstance(layer, torch.nn.BatchNorm2d):
-            layer.momentum = None  # cumulative average: one pass calibrates
-            layer.reset_running_stats()
-    model.train()
-    with torch.no_grad():
-        model(patches)
-    model.eval().save_pretrained(folder)
-    return folder
+    return tiny_encoder(tmp_path_factory.mktemp("enc") / "patch-encoder")
 
 
 def test_builtin_encoder_grid_and_global_tokens(builtin_folder, tiles):

@@ -8,6 +8,10 @@ cross-attention states and a spatial map) learns to predict the noise; tokens ar
 by the learned null embedding with probability ``cfg_dropout`` (classifier-free guidance);
 EMA weights; resumable ``Accelerator`` checkpoints; validation grids during training.
 
+A quarter of the batches (``global_prob``) are conditioned on one global token (the mean
+of the grid) instead of the grid, so the same model serves tile-level embeddings and the
+coarse embedding grids of large images.
+
 Data: random ``crop_size`` crops of the *train* regions of the real samples, flips and
 90-degree rotations (no stain jitter: generated colours should follow the data). Each crop
 is encoded on the fly: latents by the VAE, tokens by the encoder on the conditioner's grid
@@ -43,6 +47,7 @@ class LDMConfig:
     learning_rate: float = 3e-4
     warmup_steps: int = 500
     cfg_dropout: float = 0.1
+    global_prob: float = 0.25  # share of samples conditioned on one (mean) token instead of the grid
     ema_decay: float = 0.999
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
@@ -195,6 +200,10 @@ def main(argv: list[str] | None = None) -> Path:
         tiles = to_tensor(sampler.crops(step, cfg.batch_size)).to(accelerator.device)
         latents, tokens = encode_batch(vae, encoder, tiles, grid, gen)
         model = accelerator.unwrap_model(denoiser)
+        # Teach both granularities: a grid of local tokens, or one global token (their
+        # mean), as large images are built from a coarse grid of tile embeddings.
+        if torch.rand(1, generator=gen).item() < cfg.global_prob:
+            tokens = tokens.mean(dim=1, keepdim=True)
         tokens = model.conditioner.drop(tokens, cfg.cfg_dropout, gen)
         noise = torch.randn(latents.shape, generator=gen).to(latents)
         t = torch.randint(0, cfg.num_train_timesteps, (latents.shape[0],), generator=gen).to(latents.device)
