@@ -125,7 +125,8 @@ def load_generation_pipeline(settings: GenerationSettings):
     dtypes = {"float32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if settings.dtype not in dtypes:
         raise InputError("--dtype", f"{settings.dtype!r}; use float32, bf16 or fp16")
-    pipe = EmbeddingToImagePipeline.from_pretrained(folder, torch_dtype=dtypes[settings.dtype])
+    extra = {} if settings.dtype == "float32" else {"dtype": dtypes[settings.dtype]}
+    pipe = EmbeddingToImagePipeline.from_pretrained(folder, **extra)
     schedulers = {"dpm": DPMSolverMultistepScheduler, "ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}
     if settings.scheduler not in schedulers:
         raise InputError("--scheduler", f"{settings.scheduler!r}; use {', '.join(schedulers)}")
