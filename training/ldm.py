@@ -21,10 +21,8 @@ reports how close the generated images' embeddings come to their conditioning.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from training.data import CropSampler
-from training.utils import MetricsLog, load_config, resume_path
+from training.utils import MetricsLog, common_args, load_checkpoint, load_config, resume_path, save_checkpoint
 
 
 @dataclass
@@ -146,14 +144,9 @@ def validate(pipe, encoder, tiles: torch.Tensor, grid: tuple[int, int], cfg: LDM
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", type=Path, default=Path(__file__).parent / "recipes" / "ldm.yaml")
-    parser.add_argument("--resume", default=None)
-    parser.add_argument("--max-steps", type=int, default=None)
-    parser.add_argument("--output-dir", default=None)
+    parser = common_args(__doc__.split("\n\n")[0], Path(__file__).parent / "recipes" / "ldm.yaml")
     parser.add_argument("--vae", default=None)
     parser.add_argument("--encoder", default=None)
-    parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     cfg = load_config(LDMConfig, args.config, {"max_steps": args.max_steps, "output_dir": args.output_dir,
                                                "vae": args.vae, "encoder": args.encoder, "threads": args.threads})
@@ -186,8 +179,7 @@ def main(argv: list[str] | None = None) -> Path:
     start = 0
     checkpoint = resume_path(out, args.resume)
     if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        start = json.loads((checkpoint / "step.json").read_text())["step"]
+        start = load_checkpoint(accelerator, checkpoint)
         accelerator.print(f"resumed from {checkpoint} at step {start}")
 
     grid = conditioner.grid_for(cfg.crop_size, cfg.crop_size)
@@ -231,12 +223,7 @@ def main(argv: list[str] | None = None) -> Path:
             log.write(step=done, **metrics)
             accelerator.print(f"step {done}: loss {loss.item():.4f} {metrics}")
         if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
-            path = out / "checkpoints" / f"checkpoint_{done}"
-            accelerator.save_state(str(path), safe_serialization=True)
-            (path / "step.json").write_text(json.dumps({"step": done}))
-            old = sorted(path.parent.iterdir(), key=lambda p: int(p.name.split("_")[1]))
-            for stale in old[:-cfg.keep_checkpoints]:
-                shutil.rmtree(stale, ignore_errors=True)
+            save_checkpoint(accelerator, out, done, cfg.keep_checkpoints)
 
     model = accelerator.unwrap_model(denoiser)
     ema.copy_to(model.parameters())

@@ -15,9 +15,7 @@ held-out patch came from (tissue types differ between the images).
 
 from __future__ import annotations
 
-import argparse
 import json
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.data import CropSampler
-from training.utils import MetricsLog, load_config, resume_path
+from training.utils import MetricsLog, common_args, load_checkpoint, load_config, resume_path, save_checkpoint
 
 
 @dataclass
@@ -124,13 +122,8 @@ def held_out_windows(context: int, n_per_image: int = 64, seed: int = 7) -> tupl
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", type=Path, default=Path(__file__).parent / "recipes" / "ssl_encoder.yaml")
-    parser.add_argument("--resume", default=None)
-    parser.add_argument("--max-steps", type=int, default=None)
-    parser.add_argument("--output-dir", default=None)
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args(argv)
+    recipe = Path(__file__).parent / "recipes" / "ssl_encoder.yaml"
+    args = common_args(__doc__.split("\n\n")[0], recipe).parse_args(argv)
     cfg = load_config(SSLConfig, args.config, {"max_steps": args.max_steps, "output_dir": args.output_dir,
                                                "threads": args.threads})
     torch.set_num_threads(cfg.threads)
@@ -155,8 +148,7 @@ def main(argv: list[str] | None = None) -> Path:
     start = 0
     checkpoint = resume_path(out, args.resume)
     if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        start = json.loads((checkpoint / "step.json").read_text())["step"]
+        start = load_checkpoint(accelerator, checkpoint)
         accelerator.print(f"resumed from {checkpoint} at step {start}")
     sampler = CropSampler(list(regions("train").values()), cfg.context, min_tissue=0.5, seed=cfg.seed)
     val_windows, val_labels = held_out_windows(cfg.context)
@@ -180,12 +172,7 @@ def main(argv: list[str] | None = None) -> Path:
             log.write(step=done, **metrics)
             accelerator.print(f"step {done}: loss {loss.item():.3f} {metrics}")
         if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
-            path = out / "checkpoints" / f"checkpoint_{done}"
-            accelerator.save_state(str(path), safe_serialization=True)
-            (path / "step.json").write_text(json.dumps({"step": done}))
-            old = sorted((p for p in path.parent.iterdir()), key=lambda p: int(p.name.split("_")[1]))
-            for stale in old[:-cfg.keep_checkpoints]:
-                shutil.rmtree(stale, ignore_errors=True)
+            save_checkpoint(accelerator, out, done, cfg.keep_checkpoints)
     final = out / "final"
     encoder = accelerator.unwrap_model(model).eval()
     encoder.save_pretrained(final, safe_serialization=True)

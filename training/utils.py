@@ -3,10 +3,13 @@ the checkpoint to resume, and an append-only metrics log."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import re
+import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -75,3 +78,37 @@ class MetricsLog:
         values.setdefault("time", round(time.time() - self.start, 1))
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(values) + "\n")
+
+
+def common_args(description: str, recipe: Path) -> argparse.ArgumentParser:
+    """The options every training script takes (recipe values can be overridden)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", type=Path, default=recipe, help="YAML recipe")
+    parser.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
+    parser.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument("--output-dir", default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 beside other jobs)")
+    return parser
+
+
+def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, keep: int,
+                    extra: Callable[[Path], None] | None = None) -> Path:
+    """Accelerator state (safetensors weights) in ``checkpoints/checkpoint_<step>``, the
+    step number beside it, ``extra(path)`` for anything else (e.g. EMA weights); only the
+    newest ``keep`` checkpoints are kept."""
+    path = Path(output_dir) / "checkpoints" / f"checkpoint_{step}"
+    accelerator.save_state(str(path), safe_serialization=True)
+    if extra is not None:
+        extra(path)
+    (path / "step.json").write_text(json.dumps({"step": step}))
+    old = sorted((p for p in path.parent.iterdir() if re.fullmatch(r"checkpoint_\d+", p.name)),
+                 key=lambda p: int(p.name.split("_")[1]))
+    for stale in old[:-keep]:
+        shutil.rmtree(stale, ignore_errors=True)
+    return path
+
+
+def load_checkpoint(accelerator: Any, path: Path) -> int:
+    """Restore accelerator state from ``path``; return the step it was saved at."""
+    accelerator.load_state(str(path))
+    return int(json.loads((path / "step.json").read_text())["step"])

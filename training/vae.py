@@ -20,10 +20,8 @@ to 1 / std of the training latents.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,7 +30,7 @@ import torch.nn.functional as F
 from torchmetrics.functional import structural_similarity_index_measure
 
 from training.data import CropSampler
-from training.utils import MetricsLog, load_config, resume_path
+from training.utils import MetricsLog, common_args, load_checkpoint, load_config, resume_path, save_checkpoint
 
 
 @dataclass
@@ -111,13 +109,7 @@ def lr_at(step: int, cfg: VAEConfig) -> float:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", type=Path, default=Path(__file__).parent / "recipes" / "vae.yaml")
-    parser.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
-    parser.add_argument("--max-steps", type=int, default=None)
-    parser.add_argument("--output-dir", default=None)
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args(argv)
+    args = common_args(__doc__.split("\n\n")[0], Path(__file__).parent / "recipes" / "vae.yaml").parse_args(argv)
     cfg = load_config(VAEConfig, args.config, {"max_steps": args.max_steps, "output_dir": args.output_dir,
                                                "threads": args.threads})
     torch.set_num_threads(cfg.threads)
@@ -146,10 +138,8 @@ def main(argv: list[str] | None = None) -> Path:
     start = 0
     checkpoint = resume_path(out, args.resume)
     if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        ema_loaded = EMAModel.from_pretrained(str(checkpoint / "ema"), model_cls=AutoencoderKL)
-        ema.load_state_dict(ema_loaded.state_dict())
-        start = json.loads((checkpoint / "step.json").read_text())["step"]
+        start = load_checkpoint(accelerator, checkpoint)
+        ema.load_state_dict(EMAModel.from_pretrained(str(checkpoint / "ema"), model_cls=AutoencoderKL).state_dict())
         accelerator.print(f"resumed from {checkpoint} at step {start}")
 
     sampler = CropSampler(list(regions("train").values()), cfg.crop_size,
@@ -180,7 +170,8 @@ def main(argv: list[str] | None = None) -> Path:
             log.write(step=done, **metrics)
             accelerator.print(f"step {done}: loss {loss.item():.4f} {metrics}")
         if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
-            save_checkpoint(accelerator, ema, out, done, cfg.keep_checkpoints)
+            save_checkpoint(accelerator, out, done, cfg.keep_checkpoints,
+                            extra=lambda path: ema.save_pretrained(str(path / "ema")))
 
     final = out / "final"
     unwrapped = accelerator.unwrap_model(model)
@@ -190,18 +181,6 @@ def main(argv: list[str] | None = None) -> Path:
     unwrapped.save_pretrained(final, safe_serialization=True)
     accelerator.print(f"wrote {final}")
     return final
-
-
-def save_checkpoint(accelerator, ema, out: Path, step: int, keep: int) -> Path:
-    path = out / "checkpoints" / f"checkpoint_{step}"
-    accelerator.save_state(str(path), safe_serialization=True)
-    ema.save_pretrained(str(path / "ema"))
-    (path / "step.json").write_text(json.dumps({"step": step}))
-    old = sorted((p for p in path.parent.iterdir() if p.name.startswith("checkpoint_")),
-                 key=lambda p: int(p.name.split("_")[1]))
-    for stale in old[:-keep]:
-        shutil.rmtree(stale, ignore_errors=True)
-    return path
 
 
 @torch.no_grad()

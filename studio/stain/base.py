@@ -288,3 +288,33 @@ class StainNormalizer(ABC):
 
 def _expand_like(ok: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return ok.reshape(ok.shape + (1,) * (value.ndim - 1))
+
+
+PERCENTILES = (1.0, 50.0, 99.0)
+
+
+class StainMatrixNormalizer(StainNormalizer):
+    """Shared profile handling of the methods that estimate a stain matrix and robust
+    concentration maxima (Macenko, Vahadane): params ``matrix`` (B, 3, 2), ``max_c``
+    (B, 2) and, for pooled estimates, ``percentiles`` (B, 2 stains, 3 percentiles)."""
+
+    def _params_from_profile(self, profile: StainProfile, device: torch.device) -> Params:
+        return {"matrix": profile.matrix(device).unsqueeze(0), "max_c": profile.max_conc(device).unsqueeze(0)}
+
+    def _profile_from_params(self, params: Params, index: int, tissue_pixels: int, source: str) -> StainProfile:
+        percentiles = {}
+        if "percentiles" in params:
+            p = params["percentiles"][index]  # (2 stains, 3 percentiles)
+            percentiles = {f"p{q:g}": p[:, j].tolist() for j, q in enumerate(PERCENTILES)}
+        return StainProfile(stain_matrix=params["matrix"][index].tolist(),
+                            max_concentrations=params["max_c"][index].tolist(),
+                            concentration_percentiles=percentiles, **self._base_profile_fields(tissue_pixels, source))
+
+    @staticmethod
+    def concentration_percentiles(conc: torch.Tensor, mask: torch.Tensor | None, count: torch.Tensor | None
+                                  ) -> torch.Tensor:
+        """``(B, 2, N)`` concentrations -> ``(B, 2, 3)`` percentiles (PERCENTILES) over ``mask``."""
+        from studio.stain.stats import masked_percentile
+
+        return torch.stack([torch.stack([masked_percentile(conc[:, i], mask, q, count) for q in PERCENTILES], dim=1)
+                            for i in range(conc.shape[1])], dim=1)

@@ -19,11 +19,9 @@ import torch
 
 from studio.color import MACENKO_HE_REFERENCE, MACENKO_MAX_CONCENTRATION, channel_min, od_to_rgb
 from studio.errors import InputError
-from studio.stain.base import Params, StainNormalizer
+from studio.stain.base import Params, StainMatrixNormalizer
 from studio.stain.profile import StainProfile
 from studio.stain.stats import masked_percentile
-
-PERCENTILES = (1.0, 50.0, 99.0)
 
 
 def order_he(v1: torch.Tensor, v2: torch.Tensor) -> torch.Tensor:
@@ -47,7 +45,7 @@ def stain_angle_deg(matrix: torch.Tensor) -> torch.Tensor:
     return torch.rad2deg(torch.acos(cos))
 
 
-class MacenkoNormalizer(StainNormalizer):
+class MacenkoNormalizer(StainMatrixNormalizer):
     """Batched Macenko normalizer.
 
     Args:
@@ -148,9 +146,7 @@ class MacenkoNormalizer(StainNormalizer):
         )
         params: Params = {"matrix": matrix, "max_c": max_c}
         if pooled:
-            params["percentiles"] = torch.stack(
-                [torch.stack([masked_percentile(conc[:, i], scope, q, scope_count) for q in PERCENTILES], dim=1)
-                 for i in range(2)], dim=1)  # (B, 2 stains, 3 percentiles)
+            params["percentiles"] = self.concentration_percentiles(conc, scope, scope_count)
         return params, ok
 
     # ------------------------------------------------------------------ transform
@@ -171,16 +167,3 @@ class MacenkoNormalizer(StainNormalizer):
         out_od = self.mapping(source, target) @ od  # a fresh tensor: convert it in place
         return od_to_rgb(out_od, background=self.background, inplace=True).reshape(b, 3, h, w)
 
-    # ------------------------------------------------------------------ profiles
-    def _params_from_profile(self, profile: StainProfile, device: torch.device) -> Params:
-        return {"matrix": profile.matrix(device).unsqueeze(0), "max_c": profile.max_conc(device).unsqueeze(0)}
-
-    def _profile_from_params(self, params: Params, index: int, tissue_pixels: int, source: str) -> StainProfile:
-        percentiles = {}
-        if "percentiles" in params:
-            p = params["percentiles"][index]  # (2, 3)
-            percentiles = {f"p{q:g}": p[:, j].tolist() for j, q in enumerate(PERCENTILES)}
-        matrix = params["matrix"][index]
-        return StainProfile(stain_matrix=matrix.tolist(), max_concentrations=params["max_c"][index].tolist(),
-                            concentration_percentiles=percentiles,
-                            **self._base_profile_fields(tissue_pixels, source))

@@ -18,12 +18,10 @@ from typing import Any
 import torch
 
 from studio.color import MACENKO_HE_REFERENCE, MACENKO_MAX_CONCENTRATION, channel_min, od_to_rgb
-from studio.stain.base import Params, StainNormalizer
+from studio.stain.base import Params, StainMatrixNormalizer
 from studio.stain.macenko import order_he, stain_angle_deg
 from studio.stain.profile import StainProfile
 from studio.stain.stats import masked_percentile
-
-PERCENTILES = (1.0, 50.0, 99.0)
 
 
 def nn_lasso_2(matrix: torch.Tensor, od: torch.Tensor, lam: float) -> torch.Tensor:
@@ -54,7 +52,7 @@ def nn_lasso_2(matrix: torch.Tensor, od: torch.Tensor, lam: float) -> torch.Tens
     return torch.stack((h0, h1), dim=1)
 
 
-class VahadaneNormalizer(StainNormalizer):
+class VahadaneNormalizer(StainMatrixNormalizer):
     """Batched sparse-NMF (Vahadane) normalizer.
 
     Args:
@@ -156,9 +154,7 @@ class VahadaneNormalizer(StainNormalizer):
         )
         params: Params = {"matrix": matrix, "max_c": max_c}
         if pooled:
-            params["percentiles"] = torch.stack(
-                [torch.stack([masked_percentile(conc[:, i], mask, q, count) for q in PERCENTILES], dim=1)
-                 for i in range(2)], dim=1)
+            params["percentiles"] = self.concentration_percentiles(conc, mask, count)
         return params, ok
 
     def _apply(self, tiles: torch.Tensor, source: Params, target: Params, od: torch.Tensor | None = None
@@ -172,15 +168,3 @@ class VahadaneNormalizer(StainNormalizer):
         if self.keep_residual:
             out_od = out_od + od - src_matrix @ conc
         return od_to_rgb(out_od, background=self.background, inplace=True).reshape(b, 3, h, w)
-
-    def _params_from_profile(self, profile: StainProfile, device: torch.device) -> Params:
-        return {"matrix": profile.matrix(device).unsqueeze(0), "max_c": profile.max_conc(device).unsqueeze(0)}
-
-    def _profile_from_params(self, params: Params, index: int, tissue_pixels: int, source: str) -> StainProfile:
-        percentiles = {}
-        if "percentiles" in params:
-            p = params["percentiles"][index]
-            percentiles = {f"p{q:g}": p[:, j].tolist() for j, q in enumerate(PERCENTILES)}
-        return StainProfile(stain_matrix=params["matrix"][index].tolist(),
-                            max_concentrations=params["max_c"][index].tolist(),
-                            concentration_percentiles=percentiles, **self._base_profile_fields(tissue_pixels, source))

@@ -1,0 +1,9 @@
+"""histostudio in the browser: ``streamlit run streamlit_app.py`` (or ``histostudio app``).
+
+Thin on purpose: the app lives in :mod:`studio.app` so that an installed package can run
+it too (``studio/app/entry.py``).
+"""
+
+from studio.app.main import main
+
+main()
