@@ -18,7 +18,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from pipelines.conditioning import EmbeddingConditioner
-from pipelines.loading import check_pipeline_folder
+from pipelines.loading import check_pipeline_folder, dtype_kwargs
 from studio.errors import InputError, WeightsError
 
 
@@ -65,6 +65,8 @@ class EmbeddingToImagePipeline(DiffusionPipeline):
         check_pipeline_folder(pretrained_model_name_or_path, required=("vae", "unet", "conditioner", "scheduler"))
         kwargs.setdefault("local_files_only", True)
         kwargs.setdefault("use_safetensors", True)
+        if "dtype" not in kwargs and "torch_dtype" not in kwargs:
+            kwargs.update(dtype_kwargs(torch.float32))  # shipped weights are fp16 on disk
         try:
             pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         except Exception as exc:

@@ -287,7 +287,10 @@ def load_model_folder(cls: type[ModelMixin], folder: Path) -> ModelMixin:
         hint = f" (found {', '.join(others)}: pickled formats are not loaded)" if others else ""
         raise WeightsError(folder, f"has no .safetensors weights{hint}")
     try:
-        return cls.from_pretrained(folder, use_safetensors=True, local_files_only=True, low_cpu_mem_usage=False)
+        from pipelines.loading import dtype_kwargs
+
+        return cls.from_pretrained(folder, use_safetensors=True, local_files_only=True, low_cpu_mem_usage=False,
+                                   **dtype_kwargs(torch.float32))
     except Exception as exc:
         raise WeightsError(folder, f"cannot load {cls.__name__} ({type(exc).__name__}: {exc})") from exc
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from pipelines.loading import dtype_kwargs
 from studio.errors import InputError, WeightsError
 from studio.io import atomic_path, atomic_write_text, to_tensor, write_image
 
@@ -125,8 +126,7 @@ def load_generation_pipeline(settings: GenerationSettings):
     dtypes = {"float32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if settings.dtype not in dtypes:
         raise InputError("--dtype", f"{settings.dtype!r}; use float32, bf16 or fp16")
-    extra = {} if settings.dtype == "float32" else {"dtype": dtypes[settings.dtype]}
-    pipe = EmbeddingToImagePipeline.from_pretrained(folder, **extra)
+    pipe = EmbeddingToImagePipeline.from_pretrained(folder, **dtype_kwargs(dtypes[settings.dtype]))
     schedulers = {"dpm": DPMSolverMultistepScheduler, "ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}
     if settings.scheduler not in schedulers:
         raise InputError("--scheduler", f"{settings.scheduler!r}; use {', '.join(schedulers)}")

@@ -9,9 +9,13 @@ never loaded), and nothing is fetched from the network.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from studio.errors import WeightsError
 
@@ -60,3 +64,29 @@ def check_pipeline_folder(folder: str | Path, required: tuple[str, ...] = ()) ->
                                         f".safetensors only (convert them with safetensors.torch.save_file)")
             raise WeightsError(sub, "has no .safetensors weights")
     return index
+
+
+@functools.lru_cache(maxsize=1)
+def _dtype_keyword() -> str:
+    """``dtype`` on diffusers that have it (torch_dtype is deprecated there), else ``torch_dtype``."""
+    from diffusers import DiffusionPipeline
+
+    return "dtype" if 'kwargs.pop("dtype"' in inspect.getsource(DiffusionPipeline.from_pretrained) else "torch_dtype"
+
+
+def dtype_kwargs(dtype: torch.dtype | None = torch.float32) -> dict[str, Any]:
+    """The from_pretrained keyword that sets the loaded weights' dtype.
+
+    Shipped checkpoints store fp16 weights (half the size in git); loading defaults to
+    float32, what CPUs compute in, so callers get full-precision models unless they ask.
+    """
+    return {} if dtype is None else {_dtype_keyword(): dtype}
+
+
+def save_fp16(model_or_pipeline: Any, folder: str | Path) -> Path:
+    """``save_pretrained`` with fp16 weights (for shipping), leaving the object unchanged."""
+    import copy
+
+    half = copy.deepcopy(model_or_pipeline).to(torch.float16)
+    half.save_pretrained(folder, safe_serialization=True)
+    return Path(folder)

@@ -124,3 +124,18 @@ def test_bad_inputs_and_folders(pipe, tmp_path):
                                    scheduler=pipe.scheduler)
     with pytest.raises(InputError, match="input channels"):
         run(bad, tokens(1))
+
+
+def test_fp16_shipping_loads_as_float32(pipe, tmp_path):
+    from pipelines.loading import save_fp16
+
+    save_fp16(pipe, tmp_path / "half")
+    sizes = sum(f.stat().st_size for f in (tmp_path / "half").rglob("*.safetensors"))
+    pipe.save_pretrained(tmp_path / "full")
+    assert sizes < 0.6 * sum(f.stat().st_size for f in (tmp_path / "full").rglob("*.safetensors"))
+    loaded = EmbeddingToImagePipeline.from_pretrained(tmp_path / "half")
+    assert {p.dtype for p in loaded.unet.parameters()} == {torch.float32}
+    assert next(pipe.unet.parameters()).dtype == torch.float32  # the original is untouched
+    a = run(pipe, tokens(1), output_type="np").images
+    b = run(loaded, tokens(1), output_type="np").images
+    assert np.abs(a - b).max() < 0.02  # fp16 rounding of the weights only
