@@ -57,7 +57,8 @@ class LDMConfig:
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
     # model
-    block_out_channels: tuple[int, ...] = (64, 128, 128)
+    block_out_channels: tuple[int, ...] = (32, 64, 128)
+    attention_levels: int = 1  # cross-attention in the lowest N resolutions only (cost: 16x16 attention doubles it)
     layers_per_block: int = 1
     attention_head_dim: int = 32
     cross_attention_dim: int = 128
@@ -75,11 +76,12 @@ def build_models(cfg: LDMConfig, vae, embed_dim: int):
                                        map_channels=cfg.map_channels, token_pixels=cfg.token_pixels,
                                        latent_factor=factor)
     n = len(cfg.block_out_channels)
+    plain = n - max(1, min(cfg.attention_levels, n - 1))
     unet = UNet2DConditionModel(
         sample_size=cfg.crop_size // factor, in_channels=vae.config.latent_channels + cfg.map_channels,
         out_channels=vae.config.latent_channels, block_out_channels=tuple(cfg.block_out_channels),
-        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
-        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+        down_block_types=("DownBlock2D",) * plain + ("CrossAttnDownBlock2D",) * (n - plain),
+        up_block_types=("CrossAttnUpBlock2D",) * (n - plain) + ("UpBlock2D",) * plain,
         layers_per_block=cfg.layers_per_block, cross_attention_dim=cfg.cross_attention_dim,
         attention_head_dim=cfg.attention_head_dim, norm_num_groups=32,
     )
