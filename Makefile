@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.histostudio-installed
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test lint app clean
 
 venv: $(STAMP)
 
@@ -29,6 +29,9 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+app: venv
+	$(VENV)/bin/histostudio app
 
 lint: venv
 	$(VENV)/bin/ruff check .

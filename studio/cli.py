@@ -261,6 +261,35 @@ def normalize(
         raise typer.Exit(1)
 
 
+# --------------------------------------------------------------------------- app
+@app.command("app")
+def app_command(
+    port: Annotated[int, typer.Option(help="Port to serve on.")] = 8501,
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 to share on your network).")
+                    ] = "127.0.0.1",
+    checkpoints: Annotated[Path | None, typer.Option(help="Checkpoint folder (sets HISTOSTUDIO_CHECKPOINTS).")
+                           ] = None,
+    headless: Annotated[bool, typer.Option("--headless", help="Do not open a browser.")] = False,
+) -> None:
+    """Open the studio in the browser (Streamlit): normalize, generate, virtual IHC."""
+    import importlib.util
+    import subprocess
+
+    if importlib.util.find_spec("streamlit") is None:
+        raise HistostudioError("the app needs Streamlit: pip install 'histostudio[app]'")
+    from studio.app import APP_SCRIPT  # inside the package, so it works when installed
+
+    env = dict(os.environ)
+    if checkpoints is not None:
+        env["HISTOSTUDIO_CHECKPOINTS"] = str(checkpoints.resolve())
+    cmd = [sys.executable, "-m", "streamlit", "run", str(APP_SCRIPT), "--server.port", str(port),
+           "--server.address", host, "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal"]
+    if headless:
+        cmd += ["--server.headless", "true"]
+    console.print(f"serving the studio at http://{host}:{port} (Ctrl+C stops it)")
+    raise typer.Exit(subprocess.call(cmd, env=env))
+
+
 # --------------------------------------------------------------------------- embed / generate
 def _default_checkpoint(name: str) -> str:
     from studio.info import checkpoints_dir

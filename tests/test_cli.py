@@ -57,3 +57,17 @@ def test_errors_are_one_line_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "studio.cli", "data", "inspect", str(tmp_path / "x")],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "images.npy" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_app_command_starts_streamlit_on_the_packaged_script(monkeypatch):
+    import subprocess as sp
+
+    from studio.app import APP_SCRIPT
+
+    calls = []
+    monkeypatch.setattr(sp, "call", lambda cmd, env=None: calls.append((cmd, env)) or 0)
+    result = runner.invoke(app, ["app", "--port", "8765", "--headless"])
+    assert result.exit_code == 0
+    cmd, env = calls[0]
+    assert str(APP_SCRIPT) in cmd and "8765" in cmd and "--server.headless" in cmd
+    assert APP_SCRIPT.is_file()

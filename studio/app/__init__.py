@@ -1,7 +1,8 @@
 """The histostudio browser app (Streamlit): stain normalization, generation, virtual IHC.
 
 Run it with ``histostudio app`` or ``streamlit run streamlit_app.py`` (repository) /
-``streamlit run <site-packages>/studio/app/entry.py`` (installed package).
+``streamlit run <site-packages>/studio/app/launch/histostudio_app.py`` (installed package,
+:data:`APP_SCRIPT`).
 
 Layout: :mod:`studio.app.main` builds the shell (page config, sidebar facts, navigation);
 each page is one ``render()`` function (:mod:`~studio.app.normalize_page`,
@@ -16,6 +17,6 @@ from __future__ import annotations
 from pathlib import Path
 
 #: The script ``streamlit run`` needs when the package is installed (no repository checkout).
-APP_SCRIPT = Path(__file__).resolve().with_name("entry.py")
+APP_SCRIPT = Path(__file__).resolve().parent / "launch" / "histostudio_app.py"
 
 __all__ = ["APP_SCRIPT"]

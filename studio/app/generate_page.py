@@ -1,0 +1,186 @@
+"""Generate page: variations of a real tile with the embedding-conditioned diffusion model.
+
+The tile is embedded by the encoder its checkpoint was trained with (``encoder.json``),
+on the model's token grid; the pipeline then draws ``n`` new tiles conditioned on those
+embeddings (seeds ``seed .. seed+n-1``), exactly as ``histostudio generate embedding
+--from TILE`` does. Checkpoints are the ``EmbeddingToImagePipeline`` folders under
+``studio.info.checkpoints_dir()`` (``$HISTOSTUDIO_CHECKPOINTS``); the shipped one is
+``embedding-ldm``. Without one, the page says how to train it and shows no controls.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import streamlit as st
+
+from studio.app.common import Picked, pick_image, png_bytes, sample_crops, show_error, zip_bytes
+from studio.errors import HistostudioError
+
+PIPELINE_CLASS = "EmbeddingToImagePipeline"
+SHIPPED = "embedding-ldm"
+TRAIN_COMMAND = "python -m training.ldm --config training/recipes/ldm.yaml"
+SIZES = (128, 256)
+DEFAULT_SOURCE = "hgsc_nest"
+
+
+def embedding_checkpoints(root: Path | None = None) -> list[Path]:
+    """Pipeline folders of the embedding-conditioned model under ``root``, shipped one first."""
+    from studio.info import checkpoints_dir, list_checkpoints
+
+    found = []
+    for info in list_checkpoints(root or checkpoints_dir()):
+        try:
+            index = json.loads((info.path / "model_index.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if index.get("_class_name") == PIPELINE_CLASS:
+            found.append(info.path)
+    return sorted(found, key=lambda p: (p.name != SHIPPED, p.name))
+
+
+def _stamp(folder: Path) -> float:
+    """Changes when the checkpoint is replaced (cache key)."""
+    index = folder / "model_index.json"
+    return index.stat().st_mtime if index.exists() else 0.0
+
+
+@st.cache_resource(max_entries=2, show_spinner="Loading the diffusion pipeline…")
+def load_pipeline(folder: str, stamp: float):
+    from pipelines.generation import GenerationSettings, load_generation_pipeline
+
+    return load_generation_pipeline(GenerationSettings(checkpoint=folder, encoder="auto"))
+
+
+@st.cache_resource(max_entries=2, show_spinner="Loading the encoder…")
+def load_encoder(folder: str, stamp: float):
+    from pipelines.generation import GenerationSettings, embedding_encoder_for
+
+    return embedding_encoder_for(GenerationSettings(checkpoint=folder, encoder="auto"))
+
+
+@st.cache_resource
+def _pipeline_lock() -> threading.Lock:
+    return threading.Lock()  # one sampling run at a time: the scheduler is stateful
+
+
+def source_tile(picked: Picked, size: int) -> np.ndarray:
+    """The tile the model sees: a sample's most tissue-rich native-resolution crop, or an
+    upload centre-cropped and resized to ``size`` (as ``generate embedding --from`` does)."""
+    from pipelines.generation import fit_to
+    from studio.data.samples import SAMPLES
+
+    if picked.name in SAMPLES and min(picked.image.shape[:2]) >= size:
+        return sample_crops(picked.name, size, 1)[0].image
+    return fit_to(np.ascontiguousarray(picked.image), size, size)
+
+
+def run_variations(folder: Path, tile: np.ndarray, n: int, steps: int, guidance: float, seed: int,
+                   progress=None) -> dict:
+    """``n`` variations of ``tile``; returns images, names and the manifest (as the CLI writes)."""
+    import torch
+
+    from pipelines.generation import GenerationSettings, check_encoder, generate
+    from studio.io import to_tensor
+
+    settings = GenerationSettings(checkpoint=str(folder), encoder="auto", steps=steps, guidance=guidance, seed=seed)
+    pipe = load_pipeline(str(folder), _stamp(folder))
+    encoder = load_encoder(str(folder), _stamp(folder))
+    check_encoder(pipe, encoder)
+    size = tile.shape[0]
+    grid = pipe.conditioner.grid_for(size, size)
+    with torch.no_grad():
+        tokens = encoder.embed(to_tensor(tile), grid=grid).repeat(n, 1, 1)
+    start = time.perf_counter()
+    with _pipeline_lock():
+        images = generate(pipe, tokens, size, size, grid, settings, seed, progress, n * steps)
+    names = [f"variation_{seed + i:04d}" for i in range(n)]
+    manifest = {"command": "histostudio app: generate variations", "checkpoint": str(folder), "size": size,
+                "grid": list(grid), "n": n, "seeds": [seed + i for i in range(n)],
+                "seconds": round(time.perf_counter() - start, 2), "settings": asdict(settings),
+                "encoder_identity": encoder.identity}
+    return {"images": images, "names": names, "manifest": manifest, "source": tile}
+
+
+def results_zip(result: dict, source_name: str) -> bytes:
+    files = {f"{name}.png": png_bytes(image) for name, image in zip(result["names"], result["images"], strict=True)}
+    files["source.png"] = png_bytes(result["source"])
+    files["manifest.json"] = (json.dumps({**result["manifest"], "source": source_name}, indent=2) + "\n").encode()
+    return zip_bytes(files)
+
+
+def no_checkpoint_message(root: Path) -> str:
+    return (f"**No generation checkpoint yet.** Generation needs an embedding-conditioned diffusion checkpoint "
+            f"(`{PIPELINE_CLASS}`) in `{root}`; the shipped one will be `{root / SHIPPED}`.\n\n"
+            f"Train one with `{TRAIN_COMMAND}` (it uses the tile VAE and SSL encoder from "
+            f"`training/recipes/vae.yaml` and `training/recipes/ssl_encoder.yaml`), then copy its `runs/ldm/final` "
+            f"folder to `{root / SHIPPED}`, or point `HISTOSTUDIO_CHECKPOINTS` at a folder that holds one.")
+
+
+def render() -> None:
+    from studio.data.samples import HE_SAMPLES
+    from studio.info import checkpoints_dir
+
+    st.title("Generate")
+    root = checkpoints_dir()
+    folders = embedding_checkpoints(root)
+    if not folders:
+        st.info(no_checkpoint_message(root), icon=":material/info:")
+        return
+    st.subheader("Variations of a tile")
+    st.caption("The tile is embedded by the encoder the checkpoint was trained with; the diffusion model draws new "
+               "tiles from those embeddings: the same kind of tissue, new instances of it.")
+    left, right = st.columns([1, 2], gap="large")
+    with left:
+        names = [f.name for f in folders]
+        chosen = st.selectbox("Checkpoint", names, key="gen_checkpoint")
+        folder = folders[names.index(chosen)]
+        size = st.selectbox("Tile size (px)", SIZES, index=len(SIZES) - 1, key="gen_size")
+        picked = pick_image("Source tile", "gen_src", samples=HE_SAMPLES, default_sample=DEFAULT_SOURCE)
+        a, b = st.columns(2)
+        n = a.number_input("Variations", min_value=1, max_value=8, value=4, key="gen_n")
+        steps = b.number_input("Steps", min_value=1, max_value=100, value=20, key="gen_steps")
+        guidance = a.number_input("Guidance", min_value=0.0, max_value=15.0, value=2.0, step=0.5, key="gen_guidance",
+                                  help="Classifier-free guidance: higher follows the embeddings more closely.")
+        seed = b.number_input("Seed", min_value=0, max_value=2**31 - 1, value=0, key="gen_seed",
+                              help="Variation i uses seed + i; the same settings give the same images.")
+        go = st.button("Generate", type="primary", key="gen_go", disabled=picked is None,
+                       icon=":material/auto_awesome:")
+    with right:
+        if picked is None:
+            st.info("Choose a sample or upload a tile.")
+            return
+        tile = source_tile(picked, int(size))
+        if go:
+            bar = st.progress(0.0, text="Sampling…")
+
+            def progress(done: int, total: int) -> None:
+                bar.progress(min(1.0, done / max(total, 1)), text=f"Sampling: step {done} of {total}")
+
+            try:
+                result = run_variations(folder, tile, int(n), int(steps), float(guidance), int(seed), progress)
+            except HistostudioError as exc:
+                bar.empty()
+                show_error(exc)
+                return
+            bar.empty()
+            result["source_name"] = picked.name
+            st.session_state["gen_result"] = result
+        result = st.session_state.get("gen_result")
+        st.image(tile, caption=f"source tile: {picked.name}", width=200)
+        if result is None:
+            st.caption("Press Generate to draw variations.")
+            return
+        manifest = result["manifest"]
+        st.markdown(f"**{len(result['images'])} variation(s)** of `{result['source_name']}` · "
+                    f"{manifest['settings']['steps']} steps · guidance {manifest['settings']['guidance']} · "
+                    f"{manifest['seconds']} s")
+        st.image(list(result["images"]), caption=[f"seed {s}" for s in manifest["seeds"]], width=200)
+        st.download_button("Download all (ZIP: PNGs + manifest)", results_zip(result, result["source_name"]),
+                           file_name="variations.zip", mime="application/zip", key="gen_zip",
+                           icon=":material/download:")
