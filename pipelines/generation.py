@@ -110,6 +110,7 @@ class GenerationSettings:
     scheduler: str = "dpm"
     device: str = "cpu"
     dtype: str = "float32"
+    compile: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -137,6 +138,8 @@ def load_generation_pipeline(settings: GenerationSettings):
             pipe.enable_xformers_memory_efficient_attention()
         except Exception:
             pass  # PyTorch SDPA (the default attention) is used instead
+    if settings.compile:
+        pipe.unet = torch.compile(pipe.unet, dynamic=False)  # first call compiles (slow), later ones are fast
     return pipe
 
 

@@ -334,6 +334,8 @@ def generate_embedding(
     seed: Annotated[int, typer.Option(help="Seed of the first image (image i uses seed+i).")] = 0,
     device: Annotated[str, typer.Option(help="torch device (cpu, cuda).")] = "cpu",
     dtype: Annotated[str, typer.Option(help="float32, bf16 or fp16 (GPU).")] = "float32",
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the UNet (worth it for many images).")
+                       ] = False,
 ) -> None:
     """Generate H&E conditioned on SSL embeddings: variations of a tile, or large images."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -353,7 +355,7 @@ def generate_embedding(
         raise HistostudioError("--n and --steps must be at least 1")
     settings = GenerationSettings(checkpoint=checkpoint or _default_checkpoint("embedding-ldm"), encoder=encoder,
                                   steps=steps, guidance=guidance, seed=seed, scheduler=scheduler, device=device,
-                                  dtype=dtype)
+                                  dtype=dtype, compile=compile)
     with Progress(TextColumn("[bold]sampling"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console) as progress:
         task = progress.add_task("sampling", total=None)
