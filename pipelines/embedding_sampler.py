@@ -105,3 +105,51 @@ class EmbeddingSampler:
         for label in meta["labels"]:
             sampler.params[label] = {k: tensors[f"{label}.{k}"] for k in ("mean", "components", "scales", "residual")}
         return sampler
+
+
+# Tissue label of each shipped real image (the sampler's labels for tiles without nuclei labels).
+SAMPLE_TISSUE = {"hgsc_nest": "ovarian-carcinoma", "tiatoolbox_target": "carcinoma", "skin": "skin",
+                 "cmu_small_region": "skin"}
+
+
+def real_tile_labels(size: int = 256, stride: int | None = None) -> tuple[list, list[str]]:
+    """Train-split tissue tiles of the shipped images with a label each: the image's tissue,
+    and for the labelled hgsc_nest tile also its dominant nucleus class
+    (``inflammatory-rich``, ``neoplastic-rich``, ``connective-rich``)."""
+    import numpy as np
+
+    from studio.data.samples import PANNUKE_CLASSES, load_hgsc_nest_labels
+    from studio.data.splits import HELDOUT_BANDS, split_bounds, tissue_fraction
+
+    stride = stride or size // 2
+    tiles, labels = [], []
+    image_h, inst_h, cls_h = load_hgsc_nest_labels()
+    from studio.data.samples import load_sample
+
+    for name in HELDOUT_BANDS:
+        y0, y1, x0, x1 = split_bounds(name, "train")
+        image = load_sample(name)
+        for y in range(y0, y1 - size + 1, stride):
+            for x in range(x0, x1 - size + 1, stride):
+                tile = image[y:y + size, x:x + size]
+                if tissue_fraction(tile) < 0.5:
+                    continue
+                tiles.append(np.ascontiguousarray(tile))
+                labels.append(SAMPLE_TISSUE[name])
+                if name == "hgsc_nest":
+                    ids, first = np.unique(inst_h[y:y + size, x:x + size], return_index=True)
+                    classes = cls_h[y:y + size, x:x + size].ravel()[first[ids > 0]]
+                    if classes.size >= 5:
+                        dominant = int(np.bincount(classes, minlength=4)[1:].argmax()) + 1
+                        tiles.append(tiles[-1])
+                        labels.append(f"{PANNUKE_CLASSES[dominant]}-rich")
+    return tiles, labels
+
+
+def fit_on_real_tiles(encoder, grid: tuple[int, int], size: int = 256, rank: int = 16) -> EmbeddingSampler:
+    """Fit the sampler on the shipped real tiles (see :func:`real_tile_labels`)."""
+    from studio.io import to_tensor
+
+    tiles, labels = real_tile_labels(size)
+    embeddings = torch.cat([encoder.embed(to_tensor(t), grid=grid) for t in tiles])
+    return EmbeddingSampler(rank=rank).fit(embeddings, labels)

@@ -263,6 +263,34 @@ def run_from_embeddings(path: str | Path, n: int, out: Path, settings: Generatio
     return write_outputs(out, images, names, rows, manifest)
 
 
+def run_sampled(label: str, n: int, out: Path, settings: GenerationSettings, size: int = 256,
+                step: Step | None = None) -> list[tuple[str, Path]]:
+    """New tiles with no source image: embeddings drawn from the checkpoint's label-
+    conditional sampler (``<checkpoint>/embedding-sampler``), then generated."""
+    from pipelines.embedding_sampler import EmbeddingSampler
+
+    sampler_dir = Path(settings.checkpoint) / "embedding-sampler"
+    if not sampler_dir.is_dir():
+        raise WeightsError(sampler_dir, "missing: this checkpoint ships no embedding sampler (fit one with "
+                                        "pipelines.embedding_sampler.fit_on_real_tiles and save it there)")
+    sampler = EmbeddingSampler.load(sampler_dir)
+    pipe = load_generation_pipeline(settings)
+    grid = pipe.conditioner.grid_for(size, size)
+    if sampler.shape is None or sampler.shape[0] != grid[0] * grid[1]:
+        raise InputError("--size", f"the sampler draws {sampler.shape[0] if sampler.shape else 0}-token grids; "
+                                   f"a {size}x{size} tile needs {grid[0] * grid[1]}")
+    tokens = sampler.sample(label, n, torch.Generator().manual_seed(settings.seed))
+    images = generate(pipe, tokens, size, size, grid, settings, settings.seed, step, n * settings.steps)
+    names = [f"{label}_{settings.seed + i:04d}" for i in range(n)]
+    manifest = {"command": "generate embedding --label", "label": label, "labels_available": sampler.labels,
+                "size": size, "seeds": [settings.seed + i for i in range(n)], "settings": asdict(settings)}
+    rows = [(f"sampled '{label}' embeddings -> generated", [(nm, im) for nm, im in zip(names, images, strict=True)])]
+    written = write_outputs(out, images, names, rows, manifest)
+    written.append(("embeddings", save_embeddings(out / "embeddings.safetensors", tokens, grid,
+                                                   f"sampler:{label}", names)))
+    return written
+
+
 def check_encoder(pipe, encoder) -> None:
     if encoder.dim != pipe.conditioner.config.embed_dim:
         raise InputError("--encoder", f"gives {encoder.dim}-dimensional embeddings; the checkpoint was trained "

@@ -261,6 +261,55 @@ def normalize(
         raise typer.Exit(1)
 
 
+# --------------------------------------------------------------------------- segment
+@app.command()
+def segment(
+    inputs: Annotated[list[str], typer.Argument(help="Tiles, folders, globs or whole slides.", show_default=False)],
+    out: Annotated[Path, typer.Option(help="Output folder: instance/class maps, GeoJSON, HoVer-Net JSON, summary.")
+                   ] = Path("nuclei"),
+    checkpoint: Annotated[str | None, typer.Option(help="Segmenter folder (default: the shipped one).")] = None,
+    tile_size: Annotated[int, typer.Option(help="Sliding-window size in pixels.")] = 256,
+    overlap: Annotated[int, typer.Option(help="Window overlap in pixels (nuclei on borders come out whole).")
+                       ] = 64,
+    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 4,
+    mpp: Annotated[float | None, typer.Option(help="Working resolution for slides, microns/pixel "
+                                                   "(default: the segmenter's).")] = None,
+    tta: Annotated[bool, typer.Option("--tta", help="Average predictions over flips (slower, steadier).")] = False,
+    device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
+) -> None:
+    """Segment and classify nuclei (HoVer-Net-style) in tiles, folders and whole slides."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from pipelines.segment_job import segment_inputs
+    from pipelines.segmenter import NucleiSegmenter
+
+    segmenter = NucleiSegmenter.from_pretrained(checkpoint or _default_checkpoint("nuclei-segmenter"), device=device,
+                                                tta=tta)
+    errors: list[tuple[str, str]] = []
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  console=console) as progress:
+        task = progress.add_task("segmenting", total=None)
+
+        def on_event(event: dict) -> None:
+            if event["event"] == "start":
+                progress.update(task, description=f"{event['input']} ({event['index'] + 1}/{event['count']})",
+                                completed=0, total=None)
+            elif event["event"] == "windows":
+                progress.update(task, completed=event["done"], total=event["total"])
+            elif event["event"] == "done":
+                console.print(f"[green]done[/] {event['input']}: {event['n_nuclei']} nuclei "
+                              f"({event['seconds']:.1f} s)")
+
+        written = segment_inputs(inputs, out, segmenter, tile_size=tile_size, overlap=overlap, batch_size=batch_size,
+                                 mpp=mpp, progress=on_event, errors=errors)
+    for label, path in written:
+        console.print(f"wrote {label}: {path}")
+    if errors:
+        for name, error in errors:
+            err_console.print(f"[red]failed[/] {name}: {error}")
+        raise typer.Exit(1)
+
+
 # --------------------------------------------------------------------------- app
 @app.command("app")
 def app_command(
@@ -320,6 +369,9 @@ def generate_embedding(
                                                              "name.")] = None,
     embeddings: Annotated[Path | None, typer.Option(help="A .safetensors embeddings file instead of --from.")
                           ] = None,
+    label: Annotated[str | None, typer.Option(help="No source: sample embeddings of this label (e.g. skin, "
+                                                   "inflammatory-rich) from the checkpoint's embedding sampler.")
+                     ] = None,
     n: Annotated[int, typer.Option("--n", help="Images per source / per embedding.")] = 4,
     steps: Annotated[int, typer.Option(help="Sampling steps.")] = 20,
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 2.0,
@@ -346,11 +398,12 @@ def generate_embedding(
         parse_size,
         run_from_embeddings,
         run_large,
+        run_sampled,
         run_variations,
     )
 
-    if (from_ is None) == (embeddings is None):
-        raise HistostudioError("give exactly one of --from TILE and --embeddings FILE")
+    if sum(x is not None for x in (from_, embeddings, label)) != 1:
+        raise HistostudioError("give exactly one of --from TILE, --embeddings FILE and --label LABEL")
     if n < 1 or steps < 1:
         raise HistostudioError("--n and --steps must be at least 1")
     settings = GenerationSettings(checkpoint=checkpoint or _default_checkpoint("embedding-ldm"), encoder=encoder,
@@ -365,6 +418,8 @@ def generate_embedding(
 
         if embeddings is not None:
             written = run_from_embeddings(embeddings, n, out, settings, size=size, step=step)
+        elif label is not None:
+            written = run_sampled(label, n, out, settings, size=size, step=step)
         elif large:
             written = run_large(from_, parse_size(large), parse_grid(grid) or (4, 4), out, settings, n=n,
                                 step=step)

@@ -10,6 +10,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
 from pipelines.conditioning import EmbeddingConditioner
+from pipelines.embedding_sampler import EmbeddingSampler
 from pipelines.embedding_to_image import EmbeddingToImagePipeline
 from pipelines.encoders import PatchEncoder
 from studio.data.samples import load_sample
@@ -57,4 +58,8 @@ def tiny_checkpoint(folder: Path) -> Path:
     tiny_pipeline().save_pretrained(folder)
     encoder = tiny_encoder(folder.parent / f"{folder.name}-encoder")
     (folder / "encoder.json").write_text(json.dumps({"encoder": str(encoder), "embed_dim": DIM}))
+    # A label-conditional embedding sampler for 2x2 grids (128x128 tiles) of two labels.
+    gen = torch.Generator().manual_seed(0)
+    grids = torch.cat([torch.randn(6, 4, DIM, generator=gen) + 1, torch.randn(6, 4, DIM, generator=gen) - 1])
+    EmbeddingSampler(rank=2).fit(grids, ["skin"] * 6 + ["tumour"] * 6).save(folder / "embedding-sampler")
     return folder

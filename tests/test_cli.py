@@ -71,3 +71,24 @@ def test_app_command_starts_streamlit_on_the_packaged_script(monkeypatch):
     cmd, env = calls[0]
     assert str(APP_SCRIPT) in cmd and "8765" in cmd and "--server.headless" in cmd
     assert APP_SCRIPT.is_file()
+
+
+def test_segment_command_writes_maps_geojson_and_fails_on_bad_input(tmp_path):
+    import torch
+
+    from pipelines.segmenter import HoVerNetLite
+    from studio.data.samples import load_sample
+    from studio.io import write_image
+
+    torch.manual_seed(0)
+    HoVerNetLite(widths=(8, 16, 16, 16)).save_pretrained(tmp_path / "seg")
+    write_image(tmp_path / "tile.png", np.ascontiguousarray(load_sample("hgsc_nest")[:200, :300]))
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    result = runner.invoke(app, ["segment", str(tmp_path / "tile.png"), "--out", str(tmp_path / "o"),
+                                 "--checkpoint", str(tmp_path / "seg")])
+    assert result.exit_code == 0, result.output
+    assert np.load(tmp_path / "o" / "tile_inst.npy").shape == (200, 300)
+    assert (tmp_path / "o" / "tile.geojson").is_file() and (tmp_path / "o" / "summary.csv").is_file()
+    result = runner.invoke(app, ["segment", str(tmp_path / "tile.png"), str(tmp_path / "broken.png"),
+                                 "--out", str(tmp_path / "o2"), "--checkpoint", str(tmp_path / "seg")])
+    assert result.exit_code == 1 and "broken" in result.output

@@ -65,6 +65,15 @@ def test_large_image_and_embedding_files(checkpoint, tmp_path):
     assert len(list((tmp_path / "from_file").glob("emb*.png"))) == 2
 
 
+def test_label_sampled_tiles(checkpoint, tmp_path):
+    invoke("generate", "embedding", "--label", "tumour", "--n", 2, "--steps", 2, "--size", 128,
+           "--checkpoint", checkpoint, "--out", tmp_path / "lab")
+    assert len(list((tmp_path / "lab").glob("tumour_*.png"))) == 2
+    bad = runner.invoke(app, ["generate", "embedding", "--label", "necrosis", "--size", "128", "--out",
+                              str(tmp_path / "x"), "--checkpoint", str(checkpoint)])
+    assert "unknown label" in str(bad.exception)
+
+
 def test_generation_errors_are_clear(checkpoint, tmp_path):
     both = runner.invoke(app, ["generate", "embedding", "--from", "skin", "--embeddings", "x", "--out", "o",
                                "--checkpoint", str(checkpoint)])

@@ -1,0 +1,423 @@
+"""Train the nucleus segmenter (:class:`pipelines.segmenter.HoVerNetLite`).
+
+    python -m training.segmenter --config training/recipes/segmenter.yaml            # start
+    python -m training.segmenter --config training/recipes/segmenter.yaml --resume latest
+
+In the style of the other training scripts (``training/vae.py``): a YAML recipe into a
+dataclass config, an ``Accelerator`` (devices, mixed precision, checkpoint state), an EMA
+of the weights (optional), validation during training, ``save_pretrained`` at the end.
+
+**Data.** Any mix of nuclei datasets, each one entry of ``sources`` with a ``weight``:
+
+* ``{name: hgsc_nest}``: 256x256 crops of the shipped real tile whose pixels lie in its
+  *train* region (:mod:`studio.data.splits`: the left three quarters), stride ``stride``;
+* ``{name: phantom, n: 96, seed: 1000}``: procedural tiles with exact labels
+  (:func:`studio.data.phantom_dataset.phantom_samples`);
+* ``{path: /data/pannuke, layout: pannuke, source: real}``: any folder
+  :func:`studio.data.registry.open_dataset` reads (PanNuke, CoNIC, the studio's folder
+  layout); ``layout`` and ``source`` are optional.
+
+The parts are concatenated (:class:`~studio.data.base.ConcatNucleiDataset`, which refuses
+class tables that differ) and drawn with :meth:`~studio.data.base.ConcatNucleiDataset.sampling_weights`,
+so part k fills ``weight_k / sum(weights)`` of the batches whatever its size: that is the
+real : synthetic ratio. Every sample keeps its ``meta["source"]``; the loop never looks at
+it except to log how many tiles of each source each batch had.
+
+Batches are a pure function of ``(seed, step)`` (random crop of ``crop_size``, rot90,
+flip, then :class:`~studio.stain.augment.StainAugment`), so a resumed run sees exactly the
+batches of an uninterrupted one. Targets follow HoVer-Net: NP = nucleus pixels, HV =
+:func:`studio.nuclei.hv_targets` of the *augmented* instance map, TP = class map.
+
+**Loss** (HoVer-Net's, with its weights, all 1): NP cross-entropy + soft Dice, HV MSE +
+MSGE (the MSE of 5x5 Sobel-like gradients of the HV maps, over nuclear pixels only), TP
+cross-entropy + soft Dice. Dice terms are summed over classes as in the reference.
+
+**Validation**: PQ (CoNIC binary PQ, averaged over tiles) and mPQ+ (per-class statistics
+summed over tiles) of the EMA weights on held-out tiles -- by default the six 256x256
+crops of hgsc_nest's held-out band (x >= 1125, never seen in training) -- plus a contact
+sheet of outlines (truth / prediction).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from studio.errors import InputError
+from training.utils import MetricsLog, load_config, resume_path
+
+HGSC_TRAIN_REGION = (0, 1500, 0, 1125 - 256 + 1)  # crop origins whose 256 px crops stay in the train split
+HGSC_HELDOUT_REGION = (0, 1500, 1125, 1500)
+
+
+@dataclass
+class SegmenterConfig:
+    output_dir: str = "runs/segmenter"
+    seed: int = 0
+    # data
+    sources: tuple[dict[str, Any], ...] = ({"name": "hgsc_nest", "weight": 0.7},
+                                           {"name": "phantom", "n": 96, "seed": 1000, "weight": 0.3})
+    stride: int = 128
+    val: str = "hgsc_nest"  # "hgsc_nest" (held-out band) or a dataset folder
+    val_tiles: int = 6
+    crop_size: int = 128
+    batch_size: int = 8
+    stain_jitter: bool = True
+    # optimisation
+    max_steps: int = 1200
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 50
+    use_ema: bool = True
+    ema_decay: float = 0.995
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    validate_every: int = 200
+    log_every: int = 10
+    threads: int = 1
+    mixed_precision: str = "no"
+    # loss weights (HoVer-Net's)
+    np_ce: float = 1.0
+    np_dice: float = 1.0
+    hv_mse: float = 1.0
+    hv_msge: float = 1.0
+    tp_ce: float = 1.0
+    tp_dice: float = 1.0
+    # model
+    widths: tuple[int, ...] = (24, 48, 96, 192)
+    depth: int = 1
+    decoder_scale: float = 0.5
+    mpp: float = 0.5
+
+
+# --------------------------------------------------------------------------- data
+def _hgsc(region: tuple[int, int, int, int], stride: int, cover_edges: bool = False):
+    from studio.data.crops import hgsc_nest_dataset
+
+    return hgsc_nest_dataset(256, stride, region=region, cover_edges=cover_edges)
+
+
+def open_source(spec: Mapping[str, Any], cfg: SegmenterConfig):
+    """One ``sources`` entry -> a :class:`~studio.data.base.NucleiDataset`."""
+    spec = dict(spec)
+    spec.pop("weight", None)
+    if "path" in spec:
+        from studio.data.registry import open_dataset
+
+        path = spec.pop("path")
+        layout = spec.pop("layout", None)
+        kwargs = {"source": spec.pop("source")} if "source" in spec else {}
+        if spec:
+            raise InputError("sources", f"unknown keys {sorted(spec)} for dataset {path}")
+        return open_dataset(path, layout, **kwargs)
+    name = spec.pop("name", None)
+    if name == "hgsc_nest":
+        if spec:
+            raise InputError("sources", f"unknown keys {sorted(spec)} for hgsc_nest")
+        return _hgsc(HGSC_TRAIN_REGION, cfg.stride)
+    if name == "phantom":
+        from studio.data.base import ArrayNucleiDataset
+        from studio.data.phantom_dataset import phantom_samples
+        from studio.data.samples import PANNUKE_CLASSES
+
+        n = int(spec.pop("n", 64))
+        seed = int(spec.pop("seed", 1000))
+        size = int(spec.pop("size", 256))
+        if spec:
+            raise InputError("sources", f"unknown keys {sorted(spec)} for phantom")
+        return ArrayNucleiDataset(phantom_samples(n, seed=seed, size=size), PANNUKE_CLASSES, name="phantom")
+    raise InputError("sources", f"entry {dict(spec, name=name)} needs 'path' or name 'hgsc_nest' / 'phantom'")
+
+
+def build_training_data(cfg: SegmenterConfig):
+    """``(ConcatNucleiDataset, per-sample probabilities)`` from ``cfg.sources``."""
+    from studio.data.base import ConcatNucleiDataset
+
+    if not cfg.sources:
+        raise InputError("sources", "is empty; give at least one training dataset")
+    parts = [open_source(s, cfg) for s in cfg.sources]
+    weights = [float(s.get("weight", 1.0)) for s in cfg.sources]
+    data = ConcatNucleiDataset(parts)
+    p = data.sampling_weights(weights).numpy()
+    return data, p / p.sum()
+
+
+def build_validation_data(cfg: SegmenterConfig):
+    if cfg.val == "hgsc_nest":
+        return _hgsc(HGSC_HELDOUT_REGION, 256, cover_edges=True)
+    from studio.data.registry import open_dataset
+
+    return open_dataset(cfg.val)
+
+
+class BatchSampler:
+    """Augmented training batches, a pure function of ``(seed, step)``."""
+
+    def __init__(self, data, probabilities: np.ndarray, crop_size: int, *, stain: Any = None, seed: int = 0):
+        self.data = data
+        self.p = probabilities
+        self.crop = crop_size
+        self.stain = stain
+        self.seed = seed
+
+    def batch(self, step: int, batch_size: int) -> dict[str, Any]:
+        from studio.nuclei import hv_targets
+
+        rng = np.random.default_rng([self.seed, step])
+        images, insts, classes, sources = [], [], [], []
+        for idx in rng.choice(len(self.data), size=batch_size, p=self.p):
+            s = self.data.read(int(idx))
+            h, w = s.inst.shape
+            if min(h, w) < self.crop:
+                raise InputError(str(s.meta.get("name", idx)), f"is {h}x{w}, smaller than crop_size {self.crop}")
+            y = int(rng.integers(0, h - self.crop + 1))
+            x = int(rng.integers(0, w - self.crop + 1))
+            k = int(rng.integers(4))
+            flip = bool(rng.random() < 0.5)
+            arrays = []
+            for a in (s.image, s.inst, s.cls):
+                a = np.rot90(np.asarray(a)[y:y + self.crop, x:x + self.crop], k)
+                arrays.append(np.ascontiguousarray(a[:, ::-1] if flip else a))
+            images.append(arrays[0])
+            insts.append(arrays[1])
+            classes.append(arrays[2])
+            sources.append(str(s.meta.get("source", "")))
+        from studio.io import to_tensor
+
+        tiles = to_tensor(np.stack(images))
+        if self.stain is not None:
+            tiles = self.stain(tiles, torch.Generator().manual_seed(self.seed * 1_000_003 + step))
+        inst = np.stack(insts)
+        return {
+            "image": tiles,
+            "np": torch.from_numpy((inst > 0).astype(np.int64)),
+            "hv": torch.from_numpy(np.stack([hv_targets(i) for i in inst])),
+            "tp": torch.from_numpy(np.stack(classes).astype(np.int64)),
+            "sources": sources,
+        }
+
+
+# --------------------------------------------------------------------------- loss
+def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-3) -> torch.Tensor:
+    """HoVer-Net's soft Dice: ``sum_c 1 - (2 |P_c T_c| + s) / (|P_c| + |T_c| + s)``."""
+    prob = logits.softmax(dim=1)
+    onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).to(prob)
+    inter = (prob * onehot).sum(dim=(0, 2, 3))
+    total = prob.sum(dim=(0, 2, 3)) + onehot.sum(dim=(0, 2, 3))
+    return (1.0 - (2.0 * inter + smooth) / (total + smooth)).sum()
+
+
+def _gradient_kernels(size: int = 5, device: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    r = torch.arange(-(size // 2), size // 2 + 1, dtype=torch.float32, device=device)
+    yy, xx = torch.meshgrid(r, r, indexing="ij")
+    denom = xx * xx + yy * yy + 1e-15
+    return (xx / denom).view(1, 1, size, size), (yy / denom).view(1, 1, size, size)
+
+
+def msge_loss(pred: torch.Tensor, target: torch.Tensor, focus: torch.Tensor) -> torch.Tensor:
+    """HoVer-Net's mean squared gradient error: horizontal map differentiated along x,
+    vertical along y (5x5 kernels), squared error averaged over nuclear pixels."""
+    kx, ky = _gradient_kernels(5, pred.device)
+
+    def grads(hv: torch.Tensor) -> torch.Tensor:
+        return torch.cat([F.conv2d(hv[:, :1], kx, padding=2), F.conv2d(hv[:, 1:], ky, padding=2)], dim=1)
+
+    f = focus.unsqueeze(1).to(pred)
+    err = (grads(pred) - grads(target)) ** 2 * f
+    return err.sum() / (2 * f.sum() + 1e-8)
+
+
+def hovernet_loss(out, batch: Mapping[str, Any], cfg: SegmenterConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    parts = {
+        "np_ce": F.cross_entropy(out.np_logits, batch["np"]),
+        "np_dice": dice_loss(out.np_logits, batch["np"]),
+        "hv_mse": F.mse_loss(out.hv, batch["hv"]),
+        "hv_msge": msge_loss(out.hv, batch["hv"], batch["np"]),
+    }
+    if out.tp_logits is not None:
+        parts["tp_ce"] = F.cross_entropy(out.tp_logits, batch["tp"])
+        parts["tp_dice"] = dice_loss(out.tp_logits, batch["tp"])
+    loss = sum(getattr(cfg, k) * v for k, v in parts.items())
+    return loss, {k: round(float(v.item()), 5) for k, v in parts.items()}
+
+
+# --------------------------------------------------------------------------- validation
+def validate(model, val_data, n_tiles: int, out_png: Path | None = None) -> dict[str, Any]:
+    """PQ / mPQ+ / NP Dice of ``model`` on the first ``n_tiles`` validation tiles."""
+    from pipelines.segmenter import NucleiSegmenter
+    from studio.metrics import binary_pq_dataset, dice, multi_pq_plus
+
+    seg = NucleiSegmenter(model)
+    true_i, true_c, pred_i, pred_c, images = [], [], [], [], []
+    for i in range(min(n_tiles, len(val_data))):
+        s = val_data.read(i)
+        inst, cls, _ = seg.segment(np.ascontiguousarray(s.image))
+        true_i.append(np.asarray(s.inst))
+        true_c.append(np.asarray(s.cls))
+        pred_i.append(inst)
+        pred_c.append(cls)
+        images.append(np.asarray(s.image))
+    pq = binary_pq_dataset(true_i, pred_i)
+    metrics: dict[str, Any] = {"val_pq": round(pq["pq"], 4), "val_dq": round(pq["dq"], 4),
+                               "val_sq": round(pq["sq"], 4),
+                               "val_np_dice": round(float(np.mean([dice(t, p) for t, p in zip(true_i, pred_i,
+                                                                                               strict=True)])), 4),
+                               "val_nuclei_true": int(sum(int(t.max()) for t in true_i)),
+                               "val_nuclei_pred": int(sum(int(p.max()) for p in pred_i))}
+    k = int(model.config.num_classes)
+    if k:
+        m = multi_pq_plus(true_i, true_c, pred_i, pred_c, k)
+        metrics["val_mpq_plus"] = round(m["mpq_plus"], 4)
+        metrics["val_pq_per_class"] = [round(float(v), 4) for v in m["pq"]]
+    if out_png is not None:
+        from studio.report import contact_sheet, overlay_labels, save_png
+
+        shown = range(min(4, len(images)))
+        save_png(contact_sheet([("held-out truth", [(f"tile {i}", overlay_labels(images[i], true_i[i], true_c[i]))
+                                                    for i in shown]),
+                                (f"prediction (PQ {metrics['val_pq']:.3f})",
+                                 [(f"tile {i}", overlay_labels(images[i], pred_i[i], pred_c[i])) for i in shown])],
+                               cell=192), out_png)
+    return metrics
+
+
+# --------------------------------------------------------------------------- loop
+def lr_at(step: int, cfg: SegmenterConfig) -> float:
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def build_model(cfg: SegmenterConfig, num_classes: int, class_names: Sequence[str]):
+    from pipelines.segmenter import HoVerNetLite
+
+    return HoVerNetLite(num_classes=num_classes, widths=tuple(cfg.widths), depth=cfg.depth,
+                        decoder_scale=cfg.decoder_scale, mpp=cfg.mpp, class_names=tuple(class_names))
+
+
+def save_checkpoint(accelerator, ema, out: Path, step: int, keep: int) -> Path:
+    path = out / "checkpoints" / f"checkpoint_{step}"
+    accelerator.save_state(str(path), safe_serialization=True)
+    if ema is not None:
+        ema.save_pretrained(str(path / "ema"))
+    (path / "step.json").write_text(json.dumps({"step": step}))
+    old = sorted((p for p in path.parent.iterdir() if p.name.startswith("checkpoint_")),
+                 key=lambda p: int(p.name.split("_")[1]))
+    for stale in old[:-keep]:
+        shutil.rmtree(stale, ignore_errors=True)
+    return path
+
+
+def train(cfg: SegmenterConfig, resume: str | None = None) -> Path:
+    """Run (or resume) training; returns the ``final`` model folder."""
+    torch.set_num_threads(cfg.threads)
+
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from diffusers.training_utils import EMAModel
+
+    from pipelines.segmenter import HoVerNetLite
+    from studio.stain.augment import StainAugment
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, project_dir=str(out))
+    set_seed(cfg.seed)
+    data, probabilities = build_training_data(cfg)
+    val_data = build_validation_data(cfg)
+    if dict(val_data.classes) != dict(data.classes):
+        raise InputError("val", f"class table {dict(val_data.classes)} differs from the training data's "
+                                f"{dict(data.classes)}")
+    names = [data.classes[c] for c in sorted(data.classes)]
+    model = build_model(cfg, data.num_classes, names)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    ema = None
+    if cfg.use_ema:
+        unwrapped = accelerator.unwrap_model(model)
+        ema = EMAModel(unwrapped.parameters(), decay=cfg.ema_decay, model_cls=HoVerNetLite,
+                       model_config=unwrapped.config)
+
+    start = 0
+    checkpoint = resume_path(out, resume)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        if ema is not None:
+            ema_loaded = EMAModel.from_pretrained(str(checkpoint / "ema"), model_cls=HoVerNetLite)
+            ema.load_state_dict(ema_loaded.state_dict())
+        start = json.loads((checkpoint / "step.json").read_text())["step"]
+        accelerator.print(f"resumed from {checkpoint} at step {start}")
+
+    sampler = BatchSampler(data, probabilities, cfg.crop_size, stain=StainAugment() if cfg.stain_jitter else None,
+                           seed=cfg.seed)
+    log = MetricsLog(out)
+    model.train()
+    for step in range(start, cfg.max_steps):
+        batch = sampler.batch(step, cfg.batch_size)
+        tensors = {k: v.to(accelerator.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        with accelerator.accumulate(model):
+            output = model(tensors["image"])
+            loss, parts = hovernet_loss(output, tensors, cfg)
+            accelerator.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+        if ema is not None:
+            ema.step(accelerator.unwrap_model(model).parameters())
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.max_steps:
+            log.write(step=done, loss=round(loss.item(), 5), lr=scheduler.get_last_lr()[0], **parts,
+                      sources=dict(Counter(batch["sources"])))
+        if done % cfg.validate_every == 0 or done == cfg.max_steps:
+            unwrapped = accelerator.unwrap_model(model)
+            if ema is not None:
+                ema.store(unwrapped.parameters())
+                ema.copy_to(unwrapped.parameters())
+            metrics = validate(unwrapped, val_data, cfg.val_tiles, out / "validation" / f"step_{done:06d}.png")
+            unwrapped.train()
+            if ema is not None:
+                ema.restore(unwrapped.parameters())
+            log.write(step=done, **metrics)
+            accelerator.print(f"step {done}: loss {loss.item():.4f} {metrics}")
+        if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
+            save_checkpoint(accelerator, ema, out, done, cfg.keep_checkpoints)
+
+    final = out / "final"
+    unwrapped = accelerator.unwrap_model(model)
+    if ema is not None:
+        ema.copy_to(unwrapped.parameters())
+    unwrapped.eval()
+    unwrapped.save_pretrained(final, safe_serialization=True)
+    accelerator.print(f"wrote {final}")
+    return final
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, default=Path(__file__).parent / "recipes" / "segmenter.yaml")
+    parser.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
+    parser.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument("--output-dir", default=None)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    cfg = load_config(SegmenterConfig, args.config, {"max_steps": args.max_steps, "output_dir": args.output_dir,
+                                                     "threads": args.threads})
+    return train(cfg, args.resume)
+
+
+if __name__ == "__main__":
+    main()
