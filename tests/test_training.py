@@ -32,7 +32,7 @@ def trained(tmp_path_factory):
     ldm_cfg = recipe(root / "ldm.yaml", output_dir=str(root / "ldm"), vae=str(vae_dir), encoder=str(enc_dir),
                      crop_size=64, batch_size=2, max_steps=2, validate_every=2, validation_steps=1,
                      checkpoint_every=1, block_out_channels=[32, 32], cross_attention_dim=16,
-                     attention_head_dim=8, map_channels=2, warmup_steps=1)
+                     attention_head_dim=8, map_channels=2, warmup_steps=1, bank_size=4)
     ldm_dir = ldm.main(["--config", str(ldm_cfg)])
     return root, vae_dir, enc_dir, ldm_dir, ldm_cfg
 
@@ -71,3 +71,18 @@ def test_recipe_typos_are_errors(tmp_path):
 
     with pytest.raises(InputError, match="unknown keys"):
         vae.main(["--config", str(recipe(tmp_path / "bad.yaml", max_step=3))])
+
+
+def test_latent_bank_rotates_latents_and_token_grids_together():
+    from training.ldm import LatentBank
+
+    bank = LatentBank.__new__(LatentBank)
+    bank.latents = torch.arange(16.0).reshape(1, 1, 4, 4)
+    bank.tokens = torch.arange(4.0).reshape(1, 2, 2, 1)
+    for seed in range(8):
+        lat, tok = bank.batch(1, torch.Generator().manual_seed(seed))
+        # the token of the top-left cell must follow the top-left latent quadrant
+        grid = tok.reshape(2, 2)
+        quadrant_means = lat[0, 0].reshape(2, 2, 2, 2).permute(0, 2, 1, 3).reshape(2, 2, 4).mean(-1)
+        order = torch.argsort(quadrant_means.flatten())
+        assert torch.equal(torch.argsort(grid.flatten()), order)
