@@ -1,0 +1,118 @@
+"""Turn finished training runs into the shipped demo checkpoints (fp16 safetensors).
+
+    python scripts/export_checkpoints.py vae            # runs/vae/final            -> checkpoints/tile-vae
+    python scripts/export_checkpoints.py ssl-encoder    # runs/ssl_encoder/final    -> checkpoints/ssl-encoder
+    python scripts/export_checkpoints.py embedding-ldm  # runs/ldm/final (+ sampler) -> checkpoints/embedding-ldm
+    python scripts/export_checkpoints.py segmenter      # runs/segmenter/final      -> checkpoints/nuclei-segmenter
+
+Each exported folder gets ``training.json``: the recipe, the exact command, the seed, the
+step count and the run's last validation metrics, so every shipped weight can be
+reproduced and audited. Weights are stored as fp16 (half the size in git) and load as
+float32. The LDM's ``vae`` folder is a symlink to ``../tile-vae`` (one copy on disk) and
+its ``encoder.json`` names the shipped ``builtin`` encoder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+CKPT = ROOT / "checkpoints"
+
+
+def last_validation(run: Path) -> dict:
+    lines = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").is_file() else []
+    rows = [json.loads(line) for line in lines]
+    val = [r for r in rows if any(k.startswith("val") for k in r)]
+    return {"last_step": max((r.get("step", 0) for r in rows), default=0), "validation": val[-1] if val else {}}
+
+
+def provenance(run: Path, module: str, recipe: str, extra: dict | None = None) -> dict:
+    config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
+    return {"command": f"python -m training.{module} --config training/recipes/{recipe}",
+            "recipe": f"training/recipes/{recipe}", "seed": config.get("seed"), "config": config,
+            **last_validation(run), **(extra or {})}
+
+
+def replace_folder(dst: Path) -> None:
+    if dst.is_symlink() or dst.is_file():
+        dst.unlink()
+    elif dst.exists():
+        shutil.rmtree(dst)
+
+
+def export_model(cls, src: Path, dst: Path, info: dict) -> Path:
+    from pipelines.encoders import load_model_folder
+    from pipelines.loading import save_fp16
+
+    model = load_model_folder(cls, src)
+    replace_folder(dst)
+    save_fp16(model, dst)
+    (dst / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+    return dst
+
+
+def export_ldm(run: Path) -> Path:
+    from pipelines.embedding_sampler import fit_on_real_tiles
+    from pipelines.embedding_to_image import EmbeddingToImagePipeline
+    from pipelines.encoders import load_encoder
+    from pipelines.loading import save_fp16
+
+    pipe = EmbeddingToImagePipeline.from_pretrained(run / "final")
+    shipped_vae = CKPT / "tile-vae"
+    encoder = load_encoder("builtin")
+    trained_with = json.loads((run / "final" / "encoder.json").read_text())
+    if trained_with.get("identity") != encoder.identity:
+        raise SystemExit(f"the LDM was trained with encoder {trained_with.get('identity')}, but the shipped "
+                         f"builtin encoder is {encoder.identity}: export the encoder it was trained with first")
+    dst = CKPT / "embedding-ldm"
+    replace_folder(dst)
+    save_fp16(pipe, dst)
+    shutil.rmtree(dst / "vae")
+    os.symlink(os.path.relpath(shipped_vae, dst), dst / "vae")  # the same weights as checkpoints/tile-vae
+    (dst / "encoder.json").write_text(json.dumps({"encoder": "builtin", "embed_dim": encoder.dim,
+                                                  "identity": encoder.identity}, indent=2) + "\n")
+    sampler = fit_on_real_tiles(encoder, pipe.conditioner.grid_for(256, 256))
+    sampler.save(dst / "embedding-sampler")
+    (dst / "training.json").write_text(json.dumps(provenance(run, "ldm", "ldm.yaml", {
+        "embedding_sampler": "pipelines.embedding_sampler.fit_on_real_tiles(builtin encoder, 4x4 grid), "
+                             f"labels {sampler.labels}"}), indent=2) + "\n")
+    return dst
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["vae", "ssl-encoder", "embedding-ldm", "segmenter"])
+    parser.add_argument("--runs", type=Path, default=ROOT / "runs")
+    args = parser.parse_args()
+    CKPT.mkdir(exist_ok=True)
+    if args.what == "vae":
+        from diffusers import AutoencoderKL
+
+        out = export_model(AutoencoderKL, args.runs / "vae" / "final", CKPT / "tile-vae",
+                           provenance(args.runs / "vae", "vae", "vae.yaml"))
+    elif args.what == "ssl-encoder":
+        from pipelines.encoders import PatchEncoder
+
+        out = export_model(PatchEncoder, args.runs / "ssl_encoder" / "final", CKPT / "ssl-encoder",
+                           provenance(args.runs / "ssl_encoder", "ssl_encoder", "ssl_encoder.yaml"))
+    elif args.what == "segmenter":
+        from pipelines.segmenter import HoVerNetLite
+
+        out = export_model(HoVerNetLite, args.runs / "segmenter" / "final", CKPT / "nuclei-segmenter",
+                           provenance(args.runs / "segmenter", "segmenter", "segmenter.yaml"))
+    else:
+        out = export_ldm(args.runs / "ldm")
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file() and not f.is_symlink()) / 2**20
+    print(f"exported {out} ({size:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()
