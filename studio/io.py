@@ -256,7 +256,9 @@ def to_tensor(images: np.ndarray, device: str | torch.device | None = None) -> t
     if not arr.flags.writeable:  # shared read-only samples; torch warns on those
         arr = arr.copy()
     tensor = torch.from_numpy(np.ascontiguousarray(arr)).to(device=device)
-    return tensor.permute(0, 3, 1, 2).float().div_(255.0)
+    # Contiguous NCHW: a permuted view would make .float() channels-last, which some CPU
+    # kernels mishandle (torch 2.13: a strided 1x1 conv backward crashes on it).
+    return tensor.permute(0, 3, 1, 2).contiguous().float().div_(255.0)
 
 
 def to_uint8(tiles: torch.Tensor) -> np.ndarray:

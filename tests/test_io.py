@@ -93,6 +93,7 @@ def test_save_npy_refuses_objects_and_tensor_conversions(tmp_path, real):
     assert np.array_equal(np.load(tmp_path / "a.npy"), real)
     t = to_tensor(load_sample("hgsc_nest")[:16, :16])  # read-only sample: no warning, a copy
     assert t.shape == (1, 3, 16, 16) and t.dtype.is_floating_point and float(t.max()) <= 1.0
+    assert t.is_contiguous()  # NCHW, not a channels-last view
     assert np.array_equal(to_uint8(t)[0], load_sample("hgsc_nest")[:16, :16])
     with pytest.raises(InputError, match="expected"):
         to_tensor(np.zeros((4, 4)))

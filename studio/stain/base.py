@@ -28,7 +28,7 @@ import torch
 
 from studio.color import rgb_to_od
 from studio.errors import InputError
-from studio.io import to_uint8
+from studio.io import to_tensor, to_uint8
 from studio.stain.lut import ColorLUT
 from studio.stain.profile import StainProfile
 
@@ -60,9 +60,7 @@ def as_batch(images: torch.Tensor | np.ndarray, device: torch.device | str | Non
             raise InputError("tiles", f"array of shape {images.shape}; expected (H, W, 3) or (B, H, W, 3) RGB")
         if arr.dtype != np.uint8:
             raise InputError("tiles", f"array dtype {arr.dtype}; expected uint8 RGB")
-        if not arr.flags.writeable:  # torch warns on read-only memory; the copy is cheap
-            arr = arr.copy()
-        return torch.from_numpy(np.ascontiguousarray(arr)).to(device).permute(0, 3, 1, 2).float().div_(255.0)
+        return to_tensor(arr, device)
     if not isinstance(images, torch.Tensor):
         raise InputError("tiles", f"got {type(images).__name__}; expected a tensor or a uint8 array")
     t = images
