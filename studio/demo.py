@@ -9,7 +9,12 @@ the studio: every capability adds a step.
 3. tissue phantoms: exact labels, the same layout under two stains, its IHC twin;
 4. a multi-lab slide batch (the real Aperio slide and re-stained copies as pyramidal
    TIFFs, plus a folder of PNG tiles) normalized to one target by the slide job; the
-   spread of tissue colour between sources before and after says what it bought.
+   spread of tissue colour between sources before and after says what it bought;
+5. nuclei segmentation (shipped segmenter) on real tissue it never saw, next to the
+   classical threshold-and-watershed baseline;
+6. synthetic H&E: variations of a held-out real tile from its SSL embedding.
+
+Steps 5 and 6 run when their shipped checkpoints exist.
 """
 
 from __future__ import annotations
@@ -180,6 +185,61 @@ def step_normalize(out: Path, rows: list, summary: dict, seed: int, console: Con
     return [("multi-lab input batch", batch_dir), ("normalized batch + manifest.json", norm_dir)]
 
 
+def step_segment(out: Path, rows: list, summary: dict) -> Written:
+    """Nuclei in real tissue the segmenter never trained on (the held-out band of the
+    labelled tile, skin), with the classical baseline beside it."""
+    from pipelines.segment_job import segment_inputs
+    from pipelines.segmenter import NucleiSegmenter
+    from studio.data.samples import load_sample
+    from studio.data.splits import region
+    from studio.info import checkpoints_dir
+    from studio.nuclei import threshold_watershed_baseline
+
+    folder = checkpoints_dir() / "nuclei-segmenter"
+    if not folder.is_dir():
+        rows.append(("5. nuclei segmentation: skipped (no checkpoints/nuclei-segmenter)", []))
+        return []
+    segmenter = NucleiSegmenter.from_pretrained(folder)
+    tiles = {"hgsc_heldout": np.ascontiguousarray(region("hgsc_nest", "heldout")[600:856, :256]),
+             "skin": np.ascontiguousarray(load_sample("skin")[500:756, 400:656])}
+    src = out / "segmentation" / "inputs"
+    paths = [write_image(src / f"{name}.png", tile) for name, tile in tiles.items()]
+    written = segment_inputs(paths, out / "segmentation", segmenter)
+    cells = []
+    for name, tile in tiles.items():
+        inst = np.load(out / "segmentation" / f"{name}_inst.npy")
+        cls = np.load(out / "segmentation" / f"{name}_cls.npy")
+        base, _ = threshold_watershed_baseline(tile)
+        cells += [(f"{name}: {int(inst.max())} nuclei", overlay_labels(tile, inst, cls)),
+                  (f"baseline: {int(base.max())}", overlay_labels(tile, base))]
+        summary.setdefault("segmentation", {})[name] = {"nuclei": int(inst.max()), "baseline_nuclei": int(base.max())}
+    rows.append(("5. nuclei segmentation on tissue the segmenter never saw (histostudio segment) vs "
+                 "threshold + watershed", cells))
+    return [("nuclei maps, GeoJSON, HoVer-Net JSON", out / "segmentation")] + [w for w in written if w[0] == "summary"]
+
+
+def step_generate(out: Path, rows: list, summary: dict, seed: int) -> Written:
+    """Variations of a held-out real tile from its SSL embedding (histostudio generate)."""
+    from pipelines.generation import GenerationSettings, run_variations
+    from studio.data.splits import region
+    from studio.info import checkpoints_dir
+    from studio.io import read_image
+
+    folder = checkpoints_dir() / "embedding-ldm"
+    if not folder.is_dir():
+        rows.append(("6. generation: skipped (no checkpoints/embedding-ldm)", []))
+        return []
+    source = write_image(out / "generation" / "heldout_tile.png",
+                         np.ascontiguousarray(region("tiatoolbox_target", "heldout")[300:556, :256]))
+    settings = GenerationSettings(checkpoint=str(folder), encoder="auto", steps=20, seed=seed)
+    written = run_variations(str(source), 3, out / "generation" / "variations", settings)
+    images = [(p.stem, read_image(p)) for label, p in written if label == "image"]
+    rows.append(("6. synthetic H&E conditioned on a held-out tile's SSL embedding (histostudio generate "
+                 "embedding)", [("real held-out tile", read_image(source))] + images))
+    summary["generation"] = {"variations": len(images), "steps": 20}
+    return [("generated variations", out / "generation" / "variations")]
+
+
 def load_tiles_mosaic(folder: Path, columns: int = 4) -> np.ndarray:
     """A folder of equal tiles (names sorted) as one mosaic, for thumbnails."""
     from studio.io import read_image
@@ -203,6 +263,8 @@ def run_demo(out: str | Path, seed: int = 0, console: Console | None = None) -> 
         ("datasets", lambda: step_datasets(out, rows, summary)),
         ("tissue phantom", lambda: step_phantom(out, rows, summary, seed)),
         ("slide-batch normalization", lambda: step_normalize(out, rows, summary, seed, console)),
+        ("nuclei segmentation", lambda: step_segment(out, rows, summary)),
+        ("embedding-conditioned generation", lambda: step_generate(out, rows, summary, seed)),
     ]
     for name, step in steps:
         start = time.perf_counter()
