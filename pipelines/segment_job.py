@@ -37,7 +37,6 @@ exist, globs that match nothing and files of unknown type are refused before any
 from __future__ import annotations
 
 import csv
-import glob
 import io
 import time
 import traceback
@@ -49,8 +48,8 @@ from typing import Any
 import numpy as np
 
 from studio.errors import HistostudioError, InputError
+from studio.inputs import expand_inputs as expand_paths
 
-GLOB_CHARS = set("*?[")
 Progress = Callable[[dict[str, Any]], None]
 
 
@@ -83,34 +82,13 @@ def expand_segment_inputs(inputs: Sequence[str | Path]) -> list[SegmentInput]:
         InputError: no inputs, a missing path, a glob matching nothing, a file that is
             neither image nor slide, a folder with neither, two inputs with one name.
     """
-    if not inputs:
-        raise InputError("INPUTS", "nothing to segment; give image files, folders, globs or slides")
-    found: list[tuple[Path, str]] = []
-    for raw in inputs:
-        text = str(raw)
-        if any(ch in text for ch in GLOB_CHARS) and not Path(text).exists():
-            matches = sorted(Path(p) for p in glob.glob(text))
-            files = [(m, _kind(m)) for m in matches if m.is_file()]
-            files = [(m, k) for m, k in files if k is not None]
-            if not files:
-                raise InputError(text, "glob matched no images or slides")
-            found.extend(files)  # type: ignore[arg-type]
-            continue
-        path = Path(text)
-        if not path.exists():
-            raise InputError(path, "no such file or folder")
-        if path.is_dir():
-            members = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
-            files = [(p, _kind(p)) for p in members]
-            files = [(p, k) for p, k in files if k is not None]
-            if not files:
-                raise InputError(path, "folder holds no images or slides")
-            found.extend(files)  # type: ignore[arg-type]
-            continue
-        kind = _kind(path)
-        if kind is None:
-            raise InputError(path, f"is neither an image nor a slide (unknown extension {path.suffix or '(none)'!r})")
-        found.append((path, kind))
+    kinds: dict[Path, str | None] = {}
+
+    def accept(path: Path) -> bool:
+        kinds[path] = _kind(path)
+        return kinds[path] is not None
+
+    found = [(path, kinds[path]) for path, _ in expand_paths(inputs, accept, "images or slides")]
     out: list[SegmentInput] = []
     names: dict[str, Path] = {}
     for path, kind in dict.fromkeys(found):

@@ -17,8 +17,6 @@ independent ``dask.distributed`` tasks, so a crashed worker loses at most its un
 
 from __future__ import annotations
 
-import csv
-import glob
 import json
 import os
 import time
@@ -33,12 +31,12 @@ import numpy as np
 
 from studio import __version__
 from studio.errors import HistostudioError, InputError, OutputError
+from studio.inputs import expand_inputs as expand_paths
 from studio.io import IMAGE_SUFFIXES, atomic_write_text, read_image, write_image
 from studio.transforms import TileTransform
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
-GLOB_CHARS = set("*?[")
 
 
 # --------------------------------------------------------------------------- units
@@ -67,18 +65,6 @@ def _classify(path: Path) -> str:
     return "slide" if is_slide_path(path) else "image"
 
 
-def _read_csv_manifest(path: Path) -> list[Path]:
-    try:
-        with open(path, newline="", encoding="utf-8") as fh:
-            rows = list(csv.DictReader(fh))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise InputError(path, f"cannot read CSV manifest ({exc})") from exc
-    if not rows or "path" not in rows[0]:
-        raise InputError(path, "CSV manifest needs a 'path' column (one input per row)")
-    base = path.parent
-    return [(base / row["path"]) if not Path(row["path"]).is_absolute() else Path(row["path"]) for row in rows]
-
-
 def expand_inputs(inputs: Sequence[str | Path], out: str | Path) -> list[Unit]:
     """Turn the command line's INPUTS (paths, globs, folders, CSV manifests) into units.
 
@@ -88,51 +74,22 @@ def expand_inputs(inputs: Sequence[str | Path], out: str | Path) -> list[Unit]:
     not silently shrink a batch).
     """
     out = Path(out)
+    kinds: dict[Path, str] = {}
+
+    def accept(path: Path) -> bool:
+        kinds[path] = "slide" if _classify(path) == "slide" else ("image" if _is_image(path) else "")
+        return bool(kinds[path])
+
     slides: list[Path] = []
     loose: list[Path] = []
     folders: dict[Path, list[Path]] = {}
-
-    def add_file(path: Path) -> None:
-        kind = _classify(path)
-        if kind == "slide":
+    for path, folder in expand_paths(inputs, accept, "slides or images"):
+        if kinds[path] == "slide":
             slides.append(path)
-        elif _is_image(path):
+        elif folder is not None:
+            folders.setdefault(folder, []).append(path)
+        else:
             loose.append(path)
-        else:
-            raise InputError(path, "is neither a slide nor an image (unknown extension)")
-
-    for raw in inputs:
-        text = str(raw)
-        if any(ch in text for ch in GLOB_CHARS):
-            matches = sorted(Path(p) for p in glob.glob(text))
-            if not matches:
-                raise InputError(text, "glob matched no files")
-            for m in matches:
-                if m.is_file():
-                    add_file(m)
-            continue
-        path = Path(text)
-        if not path.exists():
-            raise InputError(path, "no such file or folder")
-        if path.is_dir():
-            members = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
-            images = []
-            for p in members:
-                if _classify(p) == "slide":
-                    slides.append(p)
-                elif _is_image(p):
-                    images.append(p)
-            if not images and not any(_classify(p) == "slide" for p in members):
-                raise InputError(path, "folder holds no slides or images")
-            if images:
-                folders[path] = images
-        elif path.suffix.lower() == ".csv":
-            for p in _read_csv_manifest(path):
-                if not p.exists():
-                    raise InputError(p, f"listed in {path.name} but does not exist")
-                add_file(p)
-        else:
-            add_file(path)
 
     units: list[Unit] = []
     seen_outputs: dict[str, str] = {}

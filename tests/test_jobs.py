@@ -70,7 +70,7 @@ def test_expand_inputs_folders_globs_csv_and_errors(tile_folder, slide_file, tmp
     assert {u.kind for u in expand_inputs([csv_path], tmp_path / "out")} == {"slide", "tiles"}
     with pytest.raises(InputError, match="no such file"):
         expand_inputs([tmp_path / "missing.svs"], tmp_path / "out")
-    with pytest.raises(InputError, match="glob matched no files"):
+    with pytest.raises(InputError, match="glob matched no"):
         expand_inputs([str(tmp_path / "*.ndpi")], tmp_path / "out")
 
 

@@ -239,7 +239,7 @@ def test_segment_inputs_refuses_unknown_inputs(tmp_path):
     (tmp_path / "a.txt").write_text("x")
     with pytest.raises(InputError, match="no such file"):
         expand_segment_inputs([tmp_path / "missing.png"])
-    with pytest.raises(InputError, match="neither an image nor a slide"):
+    with pytest.raises(InputError, match="expected images or slides"):
         expand_segment_inputs([tmp_path / "a.txt"])
     with pytest.raises(InputError, match="glob matched no"):
         expand_segment_inputs([str(tmp_path / "*.png")])

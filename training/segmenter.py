@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -55,7 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from studio.errors import InputError
-from training.utils import MetricsLog, load_config, resume_path
+from training.utils import MetricsLog, load_config, resume_path, save_checkpoint
 
 HGSC_TRAIN_REGION = (0, 1500, 0, 1125 - 256 + 1)  # crop origins whose 256 px crops stay in the train split
 HGSC_HELDOUT_REGION = (0, 1500, 1125, 1500)
@@ -307,19 +306,6 @@ def build_model(cfg: SegmenterConfig, num_classes: int, class_names: Sequence[st
                         decoder_scale=cfg.decoder_scale, mpp=cfg.mpp, class_names=tuple(class_names))
 
 
-def save_checkpoint(accelerator, ema, out: Path, step: int, keep: int) -> Path:
-    path = out / "checkpoints" / f"checkpoint_{step}"
-    accelerator.save_state(str(path), safe_serialization=True)
-    if ema is not None:
-        ema.save_pretrained(str(path / "ema"))
-    (path / "step.json").write_text(json.dumps({"step": step}))
-    old = sorted((p for p in path.parent.iterdir() if p.name.startswith("checkpoint_")),
-                 key=lambda p: int(p.name.split("_")[1]))
-    for stale in old[:-keep]:
-        shutil.rmtree(stale, ignore_errors=True)
-    return path
-
-
 def train(cfg: SegmenterConfig, resume: str | None = None) -> Path:
     """Run (or resume) training; returns the ``final`` model folder."""
     torch.set_num_threads(cfg.threads)
@@ -394,7 +380,8 @@ def train(cfg: SegmenterConfig, resume: str | None = None) -> Path:
             log.write(step=done, **metrics)
             accelerator.print(f"step {done}: loss {loss.item():.4f} {metrics}")
         if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
-            save_checkpoint(accelerator, ema, out, done, cfg.keep_checkpoints)
+            save_checkpoint(accelerator, out, done, cfg.keep_checkpoints,
+                            extra=(lambda path: ema.save_pretrained(str(path / "ema"))) if ema is not None else None)
 
     final = out / "final"
     unwrapped = accelerator.unwrap_model(model)
