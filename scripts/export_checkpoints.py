@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 CKPT = ROOT / "checkpoints"
+COMMANDS: list[str] | None = None  # set from --command: how the run was really made
 
 
 def last_validation(run: Path) -> dict:
@@ -38,7 +39,7 @@ def provenance(run: Path, module: str, recipe: str, extra: dict | None = None) -
     config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
     return {"command": f"python -m training.{module} --config training/recipes/{recipe}",
             "recipe": f"training/recipes/{recipe}", "seed": config.get("seed"), "config": config,
-            **last_validation(run), **(extra or {})}
+            **({"commands": COMMANDS} if COMMANDS else {}), **last_validation(run), **(extra or {})}
 
 
 def replace_folder(dst: Path) -> None:
@@ -91,7 +92,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["vae", "ssl-encoder", "embedding-ldm", "segmenter"])
     parser.add_argument("--runs", type=Path, default=ROOT / "runs")
+    parser.add_argument("--command", action="append", default=None, dest="commands",
+                        help="the exact training commands, in order, when the run was not one plain recipe run "
+                             "(e.g. resumed with a different --max-steps); repeatable")
     args = parser.parse_args()
+    global COMMANDS
+    COMMANDS = args.commands
     CKPT.mkdir(exist_ok=True)
     if args.what == "vae":
         from diffusers import AutoencoderKL
