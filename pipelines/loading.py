@@ -42,7 +42,8 @@ def check_pipeline_folder(folder: str | Path, required: tuple[str, ...] = ()) ->
         index = json.loads(index_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise WeightsError(index_path, f"is not valid JSON ({exc})") from exc
-    components = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list)]
+    components = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and len(v) == 2
+                  and all(x is None or isinstance(x, str) for x in v)]
     for name in required:
         if name not in components:
             raise WeightsError(index_path, f"lists no '{name}' component (has {', '.join(components)})")

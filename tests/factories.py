@@ -63,3 +63,26 @@ def tiny_checkpoint(folder: Path) -> Path:
     grids = torch.cat([torch.randn(6, 4, DIM, generator=gen) + 1, torch.randn(6, 4, DIM, generator=gen) - 1])
     EmbeddingSampler(rank=2).fit(grids, ["skin"] * 6 + ["tumour"] * 6).save(folder / "embedding-sampler")
     return folder
+
+
+def tiny_mask_pipeline(seed: int = 0):
+    """The tiny base pipeline plus a ControlNet copied from its UNet (PanNuke classes), with
+    the zero convolutions perturbed so the mask visibly changes the output."""
+    from pipelines.mask_to_image import MaskToImagePipeline, controlnet_from_base
+    from studio.data.samples import PANNUKE_CLASSES
+
+    base = tiny_pipeline(seed)
+    torch.manual_seed(seed + 1)
+    controlnet = controlnet_from_base(base.unet, len(PANNUKE_CLASSES), base.latent_factor)
+    with torch.no_grad():
+        for name, p in controlnet.named_parameters():
+            if "zero_conv" in name or "controlnet_down_blocks" in name or "controlnet_mid_block" in name \
+                    or "conv_out" in name:
+                p.normal_(0, 0.05)
+    return MaskToImagePipeline(vae=base.vae, unet=base.unet, conditioner=base.conditioner, controlnet=controlnet,
+                               scheduler=base.scheduler, class_names=list(PANNUKE_CLASSES.values()))
+
+
+def tiny_mask_checkpoint(folder: Path) -> Path:
+    tiny_mask_pipeline().save_pretrained(folder)
+    return folder

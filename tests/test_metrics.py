@@ -583,3 +583,27 @@ def test_label_maps_must_be_non_negative_integers():
         metrics.class_counts(good, good + 3, num_classes=2)
     with pytest.raises(InputError, match="pred_insts: has 1 images but true_insts has 2"):
         metrics.binary_pq_dataset([good, good], [good])
+
+
+def test_mask_fidelity_per_class_recall_and_f1():
+    from studio.metrics import mask_fidelity
+
+    true = np.zeros((40, 40), np.int32)
+    cls = np.zeros((40, 40), np.uint8)
+    true[2:8, 2:8], cls[2:8, 2:8] = 1, 4  # dead, found and classified right
+    true[2:8, 20:26], cls[2:8, 20:26] = 2, 4  # dead, found but called inflammatory
+    true[20:26, 2:8], cls[20:26, 2:8] = 3, 2  # inflammatory, missed
+    pred = np.zeros_like(true)
+    pred_cls = np.zeros_like(cls)
+    pred[3:8, 2:8], pred_cls[3:8, 2:8] = 1, 4
+    pred[2:8, 21:26], pred_cls[2:8, 21:26] = 2, 2
+    pred[30:36, 30:36], pred_cls[30:36, 30:36] = 3, 2  # spurious
+    m = mask_fidelity(true, cls, pred, pred_cls, num_classes=5)
+    assert m["n_true"] == 3 and m["n_pred"] == 3
+    assert m["f1"] == pytest.approx(2 / 3)
+    assert m["per_class"][4]["recall"] == 1.0 and m["per_class"][2]["recall"] == 0.0
+    assert m["per_class"][4]["f1"] == pytest.approx(2 / 3)  # tp 1, fn 1, fp 0
+    assert m["per_class"][2]["f1"] == 0.0
+    assert np.isnan(m["per_class"][1]["recall"])
+    assert 0 < m["dice"] < 1
+    assert mask_fidelity(true, cls, true)["f1"] == 1.0

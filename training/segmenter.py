@@ -203,6 +203,7 @@ class BatchSampler:
             "np": torch.from_numpy((inst > 0).astype(np.int64)),
             "hv": torch.from_numpy(np.stack([hv_targets(i) for i in inst])),
             "tp": torch.from_numpy(np.stack(classes).astype(np.int64)),
+            "inst": inst,
             "sources": sources,
         }
 

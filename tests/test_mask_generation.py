@@ -1,0 +1,231 @@
+"""Mask-conditioned synthesis: control maps, layout editing, the pipeline, ``generate rare``."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from factories import tiny_mask_checkpoint, tiny_mask_pipeline
+from typer.testing import CliRunner
+
+from pipelines.mask_to_image import MaskToImagePipeline, control_map
+from studio.cli import app
+from studio.data.base import validate_labels
+from studio.data.registry import open_dataset
+from studio.data.samples import PANNUKE_CLASSES
+from studio.errors import HistostudioError, InputError, WeightsError
+from studio.layouts import LayoutEditor, LayoutSource, NucleusStats, parse_classes
+
+DEAD, INFLAMMATORY = 4, 2
+
+
+def assert_clear_error(result, message: str) -> None:
+    """The command failed with a studio error (one clean line from the console script)."""
+    assert result.exit_code != 0, result.output
+    assert isinstance(result.exception, HistostudioError), result.exception
+    assert message in " ".join(str(result.exception).split())
+
+
+@pytest.fixture(scope="module")
+def hgsc_source() -> LayoutSource:
+    return LayoutSource("hgsc_nest", 64, PANNUKE_CLASSES)
+
+
+@pytest.fixture(scope="module")
+def mask_ckpt(tmp_path_factory) -> str:
+    return str(tiny_mask_checkpoint(tmp_path_factory.mktemp("ckpt") / "mask-ldm"))
+
+
+def test_control_map_one_hot_and_boundaries():
+    inst = np.zeros((16, 16), np.int32)
+    cls = np.zeros((16, 16), np.uint8)
+    inst[2:8, 2:8], cls[2:8, 2:8] = 1, DEAD
+    inst[8:14, 8:14], cls[8:14, 8:14] = 2, INFLAMMATORY
+    c = control_map(inst, cls, 5)
+    assert c.shape == (6, 16, 16) and c.dtype == np.float32
+    assert c[DEAD - 1].sum() == 36 and c[INFLAMMATORY - 1].sum() == 36 and c[:5].sum() == 72
+    assert c[5].sum() == 2 * 20  # inner outline of two 6x6 squares
+    assert (c[5] <= (inst > 0)).all()
+    cls[2, 2] = 7
+    with pytest.raises(InputError, match="outside the model's classes"):
+        control_map(inst, cls, 5)
+
+
+def test_stats_measured_from_real_labels_with_priors_for_missing(hgsc_source):
+    stats = hgsc_source.stats()
+    assert stats.shapes[INFLAMMATORY].n > 100  # measured on the real tile
+    assert stats.shapes[DEAD].n == 0  # the real tile has no dead nuclei: phantom prior
+    # dead nuclei are small and round (4-6 um at 0.5 um/px), inflammatory ones measured larger
+    assert np.exp(stats.shapes[DEAD].log_area_mean) < np.exp(stats.shapes[INFLAMMATORY].log_area_mean)
+    assert set(stats.to_dict()["classes"]) == set(PANNUKE_CLASSES.values())
+
+
+@pytest.mark.parametrize("source_name", ["hgsc_nest", "phantom"])
+def test_exact_counts_without_overlaps(source_name):
+    source = LayoutSource(source_name, 96, PANNUKE_CLASSES)
+    editor = LayoutEditor(source.stats())
+    rng = np.random.default_rng(3)
+    targets = {DEAD: 3, INFLAMMATORY: 2}
+    made = 0
+    for _ in range(6):
+        base = source.draw(rng)
+        lay = editor.exact_counts(base, targets, rng)
+        if lay is None:
+            continue
+        made += 1
+        assert {c: lay.counts().get(c, 0) for c in targets} == targets
+        validate_labels(lay.inst, lay.cls, lay.inst.shape, 5, "layout")  # one class per instance, in range
+        ids = np.unique(lay.inst[lay.inst > 0])
+        assert (ids == np.arange(1, len(ids) + 1)).all()  # contiguous ids
+        assert lay.edits and lay.source
+        assert base.counts() != lay.counts() or not lay.edits
+    assert made >= 4
+
+
+def test_editor_keeps_gap_between_added_nuclei():
+    from scipy import ndimage as ndi
+
+    stats = NucleusStats.priors(PANNUKE_CLASSES)
+    editor = LayoutEditor(stats, gap=2)
+    from studio.layouts import Layout
+
+    lay = Layout(np.zeros((64, 64), np.int32), np.zeros((64, 64), np.uint8), "empty")
+    rng = np.random.default_rng(0)
+    assert editor.add(lay, DEAD, 6, rng) == 6
+    for i in range(1, 7):
+        grown = ndi.binary_dilation(lay.inst == i, iterations=2)
+        assert not np.isin(lay.inst[grown], [j for j in range(1, 7) if j != i]).any()
+
+
+def test_parse_classes_errors():
+    assert parse_classes("dead, inflammatory", PANNUKE_CLASSES) == [DEAD, INFLAMMATORY]
+    with pytest.raises(InputError, match="unknown class 'neutrophils'"):
+        parse_classes("dead,neutrophils", PANNUKE_CLASSES)
+    with pytest.raises(InputError, match="at least one"):
+        parse_classes(" , ", PANNUKE_CLASSES)
+
+
+def test_pipeline_seeds_round_trip_and_errors(tmp_path, hgsc_source):
+    pipe = tiny_mask_pipeline()
+    rng = np.random.default_rng(0)
+    lay = LayoutEditor(hgsc_source.stats()).exact_counts(hgsc_source.draw(rng), {DEAD: 2}, rng)
+    masks = [(lay.inst, lay.cls)]
+
+    def run(p, seed, **kw):
+        return p(masks, num_inference_steps=3, generator=torch.Generator().manual_seed(seed), output_type="np",
+                 progress=False, **kw).images[0]
+
+    a, b = run(pipe, 0), run(pipe, 1)
+    assert a.shape == (64, 64, 3)
+    assert np.abs(a - b).mean() > 1e-3  # different seeds, different images
+    no_mask = run(pipe, 0, controlnet_conditioning_scale=0.0, guidance_scale=1.0)
+    assert np.abs(a - no_mask).mean() > 1e-4  # the mask changes the image
+    pipe.save_pretrained(tmp_path / "p")
+    loaded = MaskToImagePipeline.from_pretrained(tmp_path / "p")
+    assert loaded.classes == PANNUKE_CLASSES
+    np.testing.assert_allclose(run(loaded, 0), a, atol=1e-5)
+    with pytest.raises(InputError, match="control channels"):
+        pipe(torch.zeros(1, 3, 64, 64), num_inference_steps=1, progress=False)
+    with pytest.raises(InputError, match="multiples of 4"):
+        pipe([(lay.inst[:62, :62], lay.cls[:62, :62])], num_inference_steps=1, progress=False)
+    (tmp_path / "p" / "controlnet" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(WeightsError, match="safetensors"):
+        MaskToImagePipeline.from_pretrained(tmp_path / "p")
+
+
+def test_generate_rare_writes_exact_counts_pannuke(tmp_path, mask_ckpt):
+    out = tmp_path / "rare"
+    result = CliRunner().invoke(app, ["generate", "rare", "--labels", "hgsc_nest", "--classes", "dead,inflammatory",
+                                      "--count", "3", "--per-patch", "2", "--size", "64", "--steps", "2",
+                                      "--min-agreement", "0", "--checkpoint", mask_ckpt, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "wrote pannuke dataset" in result.output
+    data = open_dataset(out)  # the project's own reader, with its shape/dtype checks
+    assert len(data) == 3
+    per_tile = []
+    for i in range(3):
+        s = data.read(i)
+        assert s.image.shape == (64, 64, 3) and s.image.dtype == np.uint8
+        fg = s.inst > 0
+        ids, first = np.unique(s.inst[fg], return_index=True)
+        classes = s.cls[fg][first]
+        per_tile.append(((classes == DEAD).sum(), (classes == INFLAMMATORY).sum()))
+        assert s.meta["source"] == "synthetic" and "hgsc_nest" in s.meta["parent"]
+    assert per_tile == [(2, 2)] * 3
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["requested_counts"] == prov["written_counts"] == {"dead": 6, "inflammatory": 6}
+    assert prov["rejection_rate"] == 0 and (out / "preview.png").is_file()
+
+
+def test_generate_rare_conic_phantom_and_filter(tmp_path, mask_ckpt):
+    out = tmp_path / "conic"
+    args = ["generate", "rare", "--labels", "phantom", "--classes", "inflammatory", "--count", "2", "--per-patch",
+            "3", "--size", "64", "--steps", "2", "--checkpoint", mask_ckpt, "--format", "conic"]
+    result = CliRunner().invoke(app, [*args, "--min-agreement", "0", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    data = open_dataset(out, "conic")
+    assert len(data) == 2
+    # a filter nothing passes: clear error, nothing written
+    strict = tmp_path / "strict"
+    result = CliRunner().invoke(app, [*args, "--min-agreement", "1.0", "--max-attempts", "1", "--out", str(strict)])
+    assert_clear_error(result, "passed the mask-agreement filter")
+    assert not strict.exists() and not list(tmp_path.glob(".strict*"))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--classes", "dead,neutrophils"], "unknown class 'neutrophils'"),
+    (["--classes", "dead", "--format", "conic"], "CoNIC has no class for dead"),
+    (["--classes", "dead", "--count", "0"], "at least 1 patch"),
+    (["--classes", "dead", "--count", "10000000"], "more than one run makes"),
+    (["--classes", "dead", "--per-patch", "60"], "would cover"),
+])
+def test_generate_rare_bad_requests(tmp_path, mask_ckpt, extra, message):
+    out = tmp_path / "x"
+    args = ["generate", "rare", "--labels", "hgsc_nest", "--count", "2", "--size", "64", "--steps", "1",
+            "--checkpoint", mask_ckpt, "--out", str(out)]
+    result = CliRunner().invoke(app, [*args, *extra])
+    assert_clear_error(result, message)
+    assert not out.exists()
+
+
+def test_generate_rare_dataset_labels_with_foreign_classes(tmp_path, mask_ckpt):
+    from studio.data.folder import write_folder
+    from studio.data.samples import load_hgsc_nest_labels
+
+    image, inst, cls = load_hgsc_nest_labels()
+    from studio.data.base import NucleiSample
+
+    ds = tmp_path / "ds"
+    write_folder(ds, [NucleiSample(image[:128, :128], inst[:128, :128], cls[:128, :128], {"name": "a",
+                                                                                          "source": "real"})])
+    (ds / "classes.json").write_text(json.dumps({"1": "neoplastic", "2": "inflammatory", "3": "mitotic"}))
+    result = CliRunner().invoke(app, ["generate", "rare", "--labels", str(ds), "--classes", "dead", "--count", "1",
+                                      "--size", "64", "--steps", "1", "--checkpoint", mask_ckpt,
+                                      "--out", str(tmp_path / "o")])
+    assert_clear_error(result, "not one of the model's classes")
+
+
+def test_controlnet_training_runs_validates_and_resumes(tmp_path):
+    import yaml
+    from factories import tiny_checkpoint
+
+    from training.controlnet import main
+
+    base = tiny_checkpoint(tmp_path / "base")
+    encoder = json.loads((base / "encoder.json").read_text())["encoder"]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "output_dir": str(tmp_path / "run"), "base": str(base), "encoder": encoder, "crop_size": 64,
+        "batch_size": 2, "max_steps": 2, "validate_every": 2, "checkpoint_every": 1, "validation_steps": 2,
+        "sources": [{"name": "phantom", "n": 2, "seed": 5, "size": 96, "weight": 1.0}]}))
+    final = main(["--config", str(recipe)])
+    pipe = MaskToImagePipeline.from_pretrained(final)
+    assert pipe.classes == PANNUKE_CLASSES
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {"val_f1", "val_dice", "val_f1_unconditioned"} <= set(rows[-1])
+    assert (tmp_path / "run" / "validation" / "step_000002.png").is_file()
+    # resume from the last checkpoint continues to a longer schedule
+    final = main(["--config", str(recipe), "--resume", "latest", "--max-steps", "3"])
+    assert (tmp_path / "run" / "checkpoints" / "checkpoint_3").is_dir()
