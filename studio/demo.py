@@ -12,9 +12,11 @@ the studio: every capability adds a step.
    spread of tissue colour between sources before and after says what it bought;
 5. nuclei segmentation (shipped segmenter) on real tissue it never saw, next to the
    classical threshold-and-watershed baseline;
-6. synthetic H&E: variations of a held-out real tile from its SSL embedding.
+6. synthetic H&E: variations of a held-out real tile from its SSL embedding;
+7. rare-class nuclei patches (dead + inflammatory) drawn to edited real label maps, written
+   as a PanNuke dataset with exact labels (``histostudio generate rare``).
 
-Steps 5 and 6 run when their shipped checkpoints exist.
+Steps 5-7 run when their shipped checkpoints exist.
 """
 
 from __future__ import annotations
@@ -240,6 +242,31 @@ def step_generate(out: Path, rows: list, summary: dict, seed: int) -> Written:
     return [("generated variations", out / "generation" / "variations")]
 
 
+def step_rare(out: Path, rows: list, summary: dict, seed: int) -> Written:
+    """Rare-class patches as a ready-to-train PanNuke dataset (histostudio generate rare)."""
+    from pipelines.rare_generation import RareRequest, generate_rare
+    from studio.data.registry import open_dataset
+    from studio.info import checkpoints_dir
+
+    folder = checkpoints_dir() / "mask-ldm"
+    if not folder.is_dir():
+        rows.append(("7. rare-class patches: skipped (no checkpoints/mask-ldm)", []))
+        return []
+    target = out / "rare_dead_inflammatory"
+    info = generate_rare(RareRequest(labels="hgsc_nest", classes="dead,inflammatory", count=4, per_patch=3,
+                                     size=128, out=str(target), checkpoint=str(folder), seed=seed,
+                                     overwrite=True), log=lambda _: None)
+    data = open_dataset(target)
+    cells = []
+    for i in range(len(data)):
+        s = data.read(i)
+        cells += [(s.meta["name"], s.image), ("labels", overlay_labels(s.image, s.inst, s.cls))]
+    rows.append((f"7. rare-class patches for training (histostudio generate rare): "
+                 f"{info['written_counts']} nuclei, rejection rate {info['rejection_rate']:.0%}", cells))
+    summary["rare"] = {k: info[k] for k in ("requested_counts", "written_counts", "rejection_rate")}
+    return [("rare-class PanNuke dataset", target)]
+
+
 def load_tiles_mosaic(folder: Path, columns: int = 4) -> np.ndarray:
     """A folder of equal tiles (names sorted) as one mosaic, for thumbnails."""
     from studio.io import read_image
@@ -265,6 +292,7 @@ def run_demo(out: str | Path, seed: int = 0, console: Console | None = None) -> 
         ("slide-batch normalization", lambda: step_normalize(out, rows, summary, seed, console)),
         ("nuclei segmentation", lambda: step_segment(out, rows, summary)),
         ("embedding-conditioned generation", lambda: step_generate(out, rows, summary, seed)),
+        ("rare-class patches", lambda: step_rare(out, rows, summary, seed)),
     ]
     for name, step in steps:
         start = time.perf_counter()

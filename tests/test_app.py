@@ -301,3 +301,28 @@ def test_virtual_ihc_layout_once_a_pipeline_is_installed(empty_checkpoints, monk
     assert any(c.startswith("DAB heat map") for c in captions)
     assert at.slider(key="vihc_wipe").value == 50
     assert float(at.metric[0].value.rstrip(" %")) > 15  # read out from the OUTPUT (IHC), not the H&E
+
+
+def test_generate_rare_patches_with_a_tiny_mask_checkpoint(tmp_path, monkeypatch):
+    from factories import tiny_mask_checkpoint
+
+    tiny_mask_checkpoint(tmp_path / "ckpts" / "mask-ldm")
+    monkeypatch.setenv("HISTOSTUDIO_CHECKPOINTS", str(tmp_path / "ckpts"))
+    at = app("generate")
+    no_exception(at)
+    assert at.multiselect(key="rare_classes").value == ["dead", "inflammatory"]
+    at.number_input(key="rare_count").set_value(2)
+    at.number_input(key="rare_per_patch").set_value(2)
+    at.number_input(key="rare_steps").set_value(2)
+    at.number_input(key="rare_min_agreement").set_value(1.0)  # an untrained model cannot pass this
+    at.button(key="rare_go").click().run()
+    no_exception(at)
+    assert "mask-agreement filter" in errors(at) and "rare_result" not in at.session_state
+    at.number_input(key="rare_min_agreement").set_value(0.0)
+    at.button(key="rare_go").click().run()
+    no_exception(at)
+    assert not at.error
+    result = at.session_state["rare_result"]
+    assert len(result["images"]) == 2 and result["provenance"]["written_counts"] == {"dead": 4, "inflammatory": 4}
+    names = zipfile.ZipFile(io.BytesIO(result["zip"])).namelist()
+    assert {"images.npy", "masks.npy", "types.npy", "provenance.json"} <= set(names)

@@ -1,4 +1,5 @@
-"""Generate page: variations of a real tile with the embedding-conditioned diffusion model.
+"""Generate page: variations of a real tile with the embedding-conditioned diffusion model,
+and rare-class nuclei patches with the mask-conditioned one.
 
 The tile is embedded by the encoder its checkpoint was trained with (``encoder.json``),
 on the model's token grid; the pipeline then draws ``n`` new tiles conditioned on those
@@ -6,11 +7,16 @@ embeddings (seeds ``seed .. seed+n-1``), exactly as ``histostudio generate embed
 --from TILE`` does. Checkpoints are the ``EmbeddingToImagePipeline`` folders under
 ``studio.info.checkpoints_dir()`` (``$HISTOSTUDIO_CHECKPOINTS``); the shipped one is
 ``embedding-ldm``. Without one, the page says how to train it and shows no controls.
+
+Rare-class patches run ``histostudio generate rare``'s job (``MaskToImagePipeline``
+folders, shipped as ``mask-ldm``) into a temporary folder and offer the written dataset
+(PanNuke layout, provenance, preview) as a ZIP.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 import threading
 import time
 from dataclasses import asdict
@@ -25,12 +31,15 @@ from studio.errors import HistostudioError
 PIPELINE_CLASS = "EmbeddingToImagePipeline"
 SHIPPED = "embedding-ldm"
 TRAIN_COMMAND = "python -m training.ldm --config training/recipes/ldm.yaml"
+MASK_PIPELINE_CLASS = "MaskToImagePipeline"
+MASK_SHIPPED = "mask-ldm"
+MASK_TRAIN_COMMAND = "python -m training.controlnet --config training/recipes/controlnet.yaml"
 SIZES = (128, 256)
 DEFAULT_SOURCE = "hgsc_nest"
 
 
-def embedding_checkpoints(root: Path | None = None) -> list[Path]:
-    """Pipeline folders of the embedding-conditioned model under ``root``, shipped one first."""
+def pipeline_checkpoints(root: Path | None = None, cls: str = PIPELINE_CLASS, shipped: str = SHIPPED) -> list[Path]:
+    """Pipeline folders of class ``cls`` under ``root``, the shipped one first."""
     from studio.info import checkpoints_dir, list_checkpoints
 
     found = []
@@ -39,9 +48,19 @@ def embedding_checkpoints(root: Path | None = None) -> list[Path]:
             index = json.loads((info.path / "model_index.json").read_text())
         except (OSError, ValueError):
             continue
-        if index.get("_class_name") == PIPELINE_CLASS:
+        if index.get("_class_name") == cls:
             found.append(info.path)
-    return sorted(found, key=lambda p: (p.name != SHIPPED, p.name))
+    return sorted(found, key=lambda p: (p.name != shipped, p.name))
+
+
+def embedding_checkpoints(root: Path | None = None) -> list[Path]:
+    """Pipeline folders of the embedding-conditioned model under ``root``, shipped one first."""
+    return pipeline_checkpoints(root)
+
+
+def mask_checkpoints(root: Path | None = None) -> list[Path]:
+    """Pipeline folders of the mask-conditioned model under ``root``, shipped one first."""
+    return pipeline_checkpoints(root, MASK_PIPELINE_CLASS, MASK_SHIPPED)
 
 
 def _stamp(folder: Path) -> float:
@@ -107,6 +126,27 @@ def run_variations(folder: Path, tile: np.ndarray, n: int, steps: int, guidance:
     return {"images": images, "names": names, "manifest": manifest, "source": tile}
 
 
+def run_rare(folder: Path, classes: list[str], count: int, per_patch: int, size: int, steps: int, seed: int,
+             labels: str = "hgsc_nest", min_agreement: float = 0.6, progress=None) -> dict:
+    """``generate rare`` into a temporary folder; returns samples, provenance and the dataset as ZIP bytes."""
+    from pipelines.rare_generation import RareRequest, generate_rare
+    from studio.data.registry import open_dataset
+    from studio.report import overlay_labels
+
+    with tempfile.TemporaryDirectory(prefix="histostudio-rare-") as tmp:
+        out = Path(tmp) / "rare"
+        req = RareRequest(labels=labels, classes=",".join(classes), count=count, out=str(out), per_patch=per_patch,
+                          size=size, checkpoint=str(folder), seed=seed, steps=steps, min_agreement=min_agreement)
+        with _pipeline_lock():
+            provenance = generate_rare(req, on_step=progress, log=lambda _: None)
+        data = open_dataset(out)
+        samples = [data.read(i) for i in range(len(data))]
+        files = {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    return {"images": [s.image for s in samples], "overlays": [overlay_labels(s.image, s.inst, s.cls)
+                                                               for s in samples],
+            "names": [s.meta["name"] for s in samples], "provenance": provenance, "zip": zip_bytes(files)}
+
+
 def results_zip(result: dict, source_name: str) -> bytes:
     files = {f"{name}.png": png_bytes(image) for name, image in zip(result["names"], result["images"], strict=True)}
     files["source.png"] = png_bytes(result["source"])
@@ -131,7 +171,74 @@ def render() -> None:
     folders = embedding_checkpoints(root)
     if not folders:
         st.info(no_checkpoint_message(root), icon=":material/info:")
+    else:
+        render_variations(folders, HE_SAMPLES)
+    render_rare(root)
+
+
+def render_rare(root: Path) -> None:
+    """Rare-class nuclei patches (the mask-conditioned model), when a checkpoint exists."""
+    st.subheader("Rare-class nuclei patches")
+    folders = mask_checkpoints(root)
+    if not folders:
+        st.caption(f"Needs a mask-conditioned checkpoint (`{MASK_PIPELINE_CLASS}`), shipped as "
+                   f"`{root / MASK_SHIPPED}`; train one with `{MASK_TRAIN_COMMAND}`.")
         return
+    st.caption("Real label maps of the shipped tile are edited to hold exactly the requested nuclei, the model draws "
+               "H&E to them, and a filter drops patches whose pixels disagree with their mask. The labels are the "
+               "conditioning maps: a ready-to-train PanNuke dataset.")
+    left, right = st.columns([1, 2], gap="large")
+    with left:
+        names = [f.name for f in folders]
+        chosen = st.selectbox("Checkpoint", names, key="rare_checkpoint")
+        folder = folders[names.index(chosen)]
+        index = json.loads((folder / "model_index.json").read_text())
+        options = str(index.get("class_names", "")).split(",")
+        classes = st.multiselect("Classes", options, default=[c for c in ("dead", "inflammatory") if c in options],
+                                 key="rare_classes")
+        a, b = st.columns(2)
+        count = a.number_input("Patches", min_value=1, max_value=16, value=4, key="rare_count")
+        per_patch = b.number_input("Per class per patch", min_value=1, max_value=12, value=3, key="rare_per_patch")
+        size = a.selectbox("Patch size (px)", SIZES, index=0, key="rare_size")
+        steps = b.number_input("Steps", min_value=1, max_value=100, value=20, key="rare_steps")
+        seed = a.number_input("Seed", min_value=0, max_value=2**31 - 1, value=0, key="rare_seed")
+        min_agreement = b.number_input("Quality filter", min_value=0.0, max_value=1.0, value=0.6, step=0.05,
+                                       key="rare_min_agreement",
+                                       help="Share of nuclei whose hematoxylin must stand out from their "
+                                            "surroundings; patches below it are redrawn.")
+        go = st.button("Generate patches", type="primary", key="rare_go", disabled=not classes,
+                       icon=":material/auto_awesome:")
+    with right:
+        if go:
+            bar = st.progress(0.0, text="Generating…")
+
+            def progress(done: int, total: int) -> None:
+                bar.progress(min(1.0, done / max(total, 1)), text=f"Accepted {done} of {total}")
+
+            try:
+                result = run_rare(folder, list(classes), int(count), int(per_patch), int(size), int(steps), int(seed),
+                                  min_agreement=float(min_agreement), progress=progress)
+            except HistostudioError as exc:
+                bar.empty()
+                show_error(exc)
+                return
+            bar.empty()
+            st.session_state["rare_result"] = result
+        result = st.session_state.get("rare_result")
+        if result is None:
+            st.caption("Press Generate patches.")
+            return
+        prov = result["provenance"]
+        st.markdown(f"**{prov['accepted']} patch(es)** · nuclei {prov['written_counts']} · rejection rate "
+                    f"{prov['rejection_rate']:.0%} · {prov['seconds']} s")
+        st.image(result["images"], caption=result["names"], width=160)
+        st.image(result["overlays"], caption=[f"{n} labels" for n in result["names"]], width=160)
+        st.download_button("Download dataset (ZIP: PanNuke arrays, manifest, provenance)", result["zip"],
+                           file_name="rare_patches.zip", mime="application/zip", key="rare_zip",
+                           icon=":material/download:")
+
+
+def render_variations(folders: list[Path], samples) -> None:
     st.subheader("Variations of a tile")
     st.caption("The tile is embedded by the encoder the checkpoint was trained with; the diffusion model draws new "
                "tiles from those embeddings: the same kind of tissue, new instances of it.")
@@ -141,7 +248,7 @@ def render() -> None:
         chosen = st.selectbox("Checkpoint", names, key="gen_checkpoint")
         folder = folders[names.index(chosen)]
         size = st.selectbox("Tile size (px)", SIZES, index=len(SIZES) - 1, key="gen_size")
-        picked = pick_image("Source tile", "gen_src", samples=HE_SAMPLES, default_sample=DEFAULT_SOURCE)
+        picked = pick_image("Source tile", "gen_src", samples=samples, default_sample=DEFAULT_SOURCE)
         a, b = st.columns(2)
         n = a.number_input("Variations", min_value=1, max_value=8, value=4, key="gen_n")
         steps = b.number_input("Steps", min_value=1, max_value=100, value=20, key="gen_steps")
