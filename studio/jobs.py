@@ -249,7 +249,21 @@ def _process_slide(unit: Unit, transform: TileTransform, opts: JobOptions, repor
             source = transform.estimate(sample)
         reporter.unit_started(unit, len(grid.tiles))
 
+        halo = int(getattr(transform, "halo", 0) or 0) if not transform.pixelwise else 0
+
         def normalized_tiles() -> Iterator[np.ndarray]:
+            if halo:  # context-dependent transform: windows with a halo, seams cross-faded
+                from studio.blending import blended_tiles
+                from studio.slides import read_tile
+
+                for n, tile in enumerate(blended_tiles(grid, lambda box: read_tile(slide, grid, box),
+                                                       lambda windows: _apply_batch(transform, windows, source),
+                                                       halo=min(halo, grid.tile_size // 2),
+                                                       batch_size=opts.batch_size), start=1):
+                    yield tile
+                    if n % grid.cols == 0 or n == len(grid.tiles):
+                        reporter.unit_advanced(unit, grid.cols if n % grid.cols == 0 else n % grid.cols)
+                return
             for batch, tiles in read_tiles(slide, grid, batch_size=opts.batch_size):
                 yield from _apply_batch(transform, batch, source)
                 reporter.unit_advanced(unit, len(tiles))
@@ -257,10 +271,11 @@ def _process_slide(unit: Unit, transform: TileTransform, opts: JobOptions, repor
         out_mpp = slide.mpp * grid.scale if slide.mpp else None
         write_pyramid(unit.output, normalized_tiles(), grid.width, grid.height, tile_size=grid.tile_size,
                       mpp=out_mpp, compression=opts.compression, quality=opts.quality,
-                      description=f"histostudio {__version__} normalize {transform.name} of {path.name}")
+                      description=f"histostudio {__version__} {getattr(transform, 'command', 'normalize')} "
+                                  f"{transform.name} of {path.name}")
         return {"tiles": len(grid.tiles), "width": grid.width, "height": grid.height, "mpp": out_mpp,
                 "megapixels": grid.width * grid.height / 1e6, "profile": _record(source),
-                "fallback": bool(getattr(source, "fallback", False))}
+                "fallback": bool(getattr(source, "fallback", False)), "halo": halo}
 
 
 def _apply_batch(transform: TileTransform, batch: Sequence[np.ndarray], source: Any) -> list[np.ndarray]:

@@ -1,14 +1,10 @@
 """Virtual IHC page: H&E in, a virtual IHC stain (HER2, Ki67, ER, PR) out, and the DAB
-read-out of the *output* (heat map, DAB-positive %).
+read-out of the *output* (heat map, DAB-positive %, H-score).
 
-The translation pipeline arrives with the virtual-IHC capability. Until
-``pipelines.virtual_ihc`` can be imported the page says so and offers only the DAB
-read-out of a real IHC image (the same read-out the virtual stains will get).
-
-Wiring the real pipeline is :func:`load_translator` alone: return a callable
-``translate(he_uint8 (H, W, 3), stain: str) -> ihc_uint8 (H, W, 3)``. The expected module
-API (adapt here if it differs) is ``pipelines.virtual_ihc.load_virtual_ihc(stain,
-checkpoints_dir) -> callable(he_uint8) -> ihc_uint8``.
+Stains are those with a ``VirtualIHCPipeline`` checkpoint (``virtual-ihc-<stain>`` under
+``studio.info.checkpoints_dir()``); each may hold the fast translator, the diffusion one,
+or both, and the page offers what it holds. Without any, the page says how to train one
+and offers the DAB read-out of a real IHC image (the same read-out the virtual stains get).
 """
 
 from __future__ import annotations
@@ -19,43 +15,67 @@ import numpy as np
 import streamlit as st
 
 from studio.app.common import Picked, limit_side, pick_image, png_bytes, show_error
-from studio.app.dab import DEFAULT_THRESHOLD, HEATMAP_MAX, dab_heatmap, dab_positive_fraction, wipe
+from studio.app.dab import DEFAULT_THRESHOLD, HEATMAP_MAX, dab_heatmap, dab_positive_fraction, h_score, wipe
 from studio.errors import HistostudioError
 
 STAINS = ("HER2", "Ki67", "ER", "PR")
-NOT_YET = ("Virtual IHC models arrive with the virtual-IHC capability: translating H&E into HER2, Ki67, ER and PR "
-           "needs `pipelines.virtual_ihc`, which this installation does not have yet.")
+TRAIN_COMMAND = "python -m training.virtual_ihc --config training/recipes/virtual_ihc_her2.yaml"
 WORK_SIDE = 1024  # H&E inputs are translated at most this large (area-downscaled)
 
 Translator = Callable[[np.ndarray, str], np.ndarray]
 
 
-def load_translator() -> Translator | None:
-    """The H&E -> IHC translator, or None while the virtual-IHC pipeline is not installed."""
-    try:
-        from pipelines import virtual_ihc
-    except ImportError:
-        return None
+def display_name(stain: str) -> str:
+    return {s.lower(): s for s in STAINS}[stain]
+
+
+def available_stains() -> dict[str, list[str]]:
+    """Display stain name -> the translators its checkpoint holds (empty dict: none installed)."""
+    import json
+
+    from pipelines.virtual_ihc import virtual_ihc_checkpoints
     from studio.info import checkpoints_dir
 
-    @st.cache_resource(show_spinner="Loading the virtual IHC model…")
-    def model(stain: str):
-        return virtual_ihc.load_virtual_ihc(stain, checkpoints_dir())
+    out = {}
+    for stain, folder in virtual_ihc_checkpoints(checkpoints_dir()).items():
+        index = json.loads((folder / "model_index.json").read_text())
+        models = []
+        if (index.get("generator") or [None])[0]:
+            models.append("fast")
+        if (index.get("unet") or [None])[0]:
+            models.append("diffusion")
+        out[display_name(stain)] = models
+    return out
+
+
+@st.cache_resource(max_entries=4, show_spinner="Loading the virtual IHC model…")
+def _pipeline(stain: str):
+    from pipelines.virtual_ihc import load_virtual_ihc
+    from studio.info import checkpoints_dir
+
+    return load_virtual_ihc(stain.lower(), checkpoints_dir())
+
+
+def load_translator(model: str = "fast", seed: int = 0) -> Translator:
+    """``translate(he_uint8, stain) -> ihc_uint8`` with the chosen translator."""
+    import torch
 
     def translate(he: np.ndarray, stain: str) -> np.ndarray:
-        return np.asarray(model(stain)(he))
+        out = _pipeline(stain)(he, model=model, generator=torch.Generator().manual_seed(seed), output_type="np")
+        return (out.images[0] * 255 + 0.5).astype(np.uint8)
 
     return translate
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
-def _translated(digest: str, stain: str, _translate: Translator, _he: np.ndarray) -> np.ndarray:
+def _translated(digest: str, stain: str, model: str, seed: int, _translate: Translator, _he: np.ndarray
+                ) -> np.ndarray:
     return _translate(np.ascontiguousarray(_he), stain)
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
-def _readout(digest: str, threshold: float, _ihc: np.ndarray) -> tuple[np.ndarray, float]:
-    return dab_heatmap(_ihc), dab_positive_fraction(_ihc, threshold)
+def _readout(digest: str, threshold: float, _ihc: np.ndarray) -> tuple[np.ndarray, float, dict]:
+    return dab_heatmap(_ihc), dab_positive_fraction(_ihc, threshold), h_score(_ihc)
 
 
 def show_dab_readout(ihc: Picked, key: str) -> None:
@@ -63,8 +83,12 @@ def show_dab_readout(ihc: Picked, key: str) -> None:
     threshold = st.slider("DAB threshold (optical density)", 0.02, 0.30, DEFAULT_THRESHOLD, 0.01, key=f"{key}_thr",
                           help="A tissue pixel counts as DAB-positive above this DAB optical density "
                                "(colour deconvolution, Ruifrok & Johnston vectors).")
-    heat, fraction = _readout(ihc.digest, float(threshold), ihc.image)
-    st.metric("DAB-positive tissue", f"{100 * fraction:.1f} %", help="Share of tissue pixels above the threshold.")
+    heat, fraction, score = _readout(ihc.digest, float(threshold), ihc.image)
+    a, b = st.columns(2)
+    a.metric("DAB-positive tissue", f"{100 * fraction:.1f} %", help="Share of tissue pixels above the threshold.")
+    b.metric("H-score (pixel)", f"{score['h_score']:.0f}",
+             help="1 x %weak + 2 x %moderate + 3 x %strong DAB tissue pixels (0-300); a pixel-level analogue of "
+                  "the cell-level score.")
     st.image(heat, caption=f"DAB heat map (optical density 0 to {HEATMAP_MAX:.2f}, dark to bright)", width="stretch")
 
 
@@ -82,14 +106,23 @@ def show_translation(he: Picked, ihc: np.ndarray, stain: str) -> None:
     show_dab_readout(output, "vihc")
 
 
+def no_checkpoint_message() -> str:
+    from studio.info import checkpoints_dir
+
+    return (f"**No virtual IHC checkpoint yet.** Translating H&E into HER2, Ki67, ER or PR needs a "
+            f"`VirtualIHCPipeline` folder named `virtual-ihc-<stain>` in `{checkpoints_dir()}`. Train one with "
+            f"`{TRAIN_COMMAND}`, then copy its `runs/virtual_ihc_her2/final` folder to "
+            f"`{checkpoints_dir() / 'virtual-ihc-her2'}`.")
+
+
 def render() -> None:
     st.title("Virtual IHC")
-    translate = load_translator()
-    if translate is None:
-        st.info(NOT_YET, icon=":material/info:")
+    stains = available_stains()
+    if not stains:
+        st.info(no_checkpoint_message(), icon=":material/info:")
         st.subheader("DAB read-out of a real IHC image")
-        st.caption("The read-out the virtual stains will get: DAB separated by colour deconvolution, a heat map "
-                   "of it, and the share of tissue above a threshold.")
+        st.caption("The read-out the virtual stains get: DAB separated by colour deconvolution, a heat map "
+                   "of it, the share of tissue above a threshold and a pixel H-score.")
         ihc = pick_image("IHC image", "dab_src", samples=("ihc",), default_sample="ihc")
         if ihc is not None:
             cols = st.columns(2)
@@ -100,13 +133,17 @@ def render() -> None:
     from studio.data.samples import HE_SAMPLES
 
     he = pick_image("H&E", "vihc_src", samples=HE_SAMPLES, default_sample="hgsc_nest")
-    stain = st.radio("Stain", STAINS, horizontal=True, key="vihc_stain")
+    stain = st.radio("Stain", list(stains), horizontal=True, key="vihc_stain")
+    a, b = st.columns(2)
+    model = a.radio("Translator", stains[stain], horizontal=True, key="vihc_model",
+                    help="fast: one forward pass; diffusion: a few denoising steps, seeded.")
+    seed = b.number_input("Seed", min_value=0, max_value=2**31 - 1, value=0, key="vihc_seed")
     if he is None:
         return
     he = Picked(he.name, limit_side(he.image, WORK_SIDE))
     try:
         with st.spinner(f"Translating to virtual {stain}…"):
-            ihc = _translated(he.digest, stain, translate, he.image)
+            ihc = _translated(he.digest, stain, model, int(seed), load_translator(model, int(seed)), he.image)
     except HistostudioError as exc:
         show_error(exc)
         return

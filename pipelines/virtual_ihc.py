@@ -1,0 +1,307 @@
+"""``VirtualIHCPipeline``: predict an IHC stain (HER2, Ki67, ER, PR) from H&E.
+
+After PixCell's virtual staining and ASP (MIST): two translators behind one pipeline,
+chosen per call with ``model=``:
+
+* ``"fast"`` -- :class:`IHCGenerator`, a feed-forward U-Net (pix2pix-style), trained with
+  L1 + PatchGAN + ASP's adaptive supervised PatchNCE (robust to the misalignment of
+  consecutive-section pairs; ``training/virtual_ihc.py``). One forward pass per tile.
+* ``"diffusion"`` -- a conditional latent diffusion translator: a diffusers
+  ``UNet2DModel`` denoises the IHC latent with the H&E latent concatenated to its input
+  (both from the same tile VAE), few-step (DPM-Solver++, 4-10 steps), seeded.
+
+A pipeline folder holds one stain (``config.stain``); either translator may be absent
+(``None`` in ``model_index.json``), and asking for a missing one is a clear error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DModel
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.schedulers import KarrasDiffusionSchedulers, SchedulerMixin
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+from torch import nn
+
+from pipelines.loading import check_pipeline_folder, dtype_kwargs
+from studio.errors import InputError, WeightsError
+
+MODELS = ("fast", "diffusion")
+
+
+# --------------------------------------------------------------------------- fast generator
+class _ResBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, groups: int = 8):
+        super().__init__()
+        self.body = nn.Sequential(nn.GroupNorm(min(groups, cin), cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1),
+                                  nn.GroupNorm(min(groups, cout), cout), nn.SiLU(), nn.Conv2d(cout, cout, 3, padding=1))
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.skip(x) + self.body(x)
+
+
+class IHCGenerator(ModelMixin, ConfigMixin):
+    """H&E -> IHC U-Net (RGB in [0, 1] -> RGB in [0, 1]).
+
+    The encoder's feature maps (:meth:`encode`) double as the patch features of the
+    PatchNCE loss, as in CUT/ASP. Output = sigmoid of a residual on the input in optical
+    density would tie it to the H&E colours; a plain decoder is used instead so that
+    counterstain and DAB are free to differ from hematoxylin and eosin.
+    """
+
+    @register_to_config
+    def __init__(self, widths: tuple[int, ...] = (32, 64, 128, 192)):
+        super().__init__()
+        self.stem = nn.Conv2d(3, widths[0], 3, padding=1)
+        self.down = nn.ModuleList()
+        self.pools = nn.ModuleList()
+        for i, w in enumerate(widths):
+            self.down.append(_ResBlock(widths[max(0, i - 1)] if i else widths[0], w))
+            self.pools.append(nn.Conv2d(w, w, 3, stride=2, padding=1) if i < len(widths) - 1 else nn.Identity())
+        self.mid = _ResBlock(widths[-1], widths[-1])
+        self.up = nn.ModuleList()
+        for i in range(len(widths) - 1, 0, -1):
+            self.up.append(_ResBlock(widths[i] + widths[i - 1], widths[i - 1]))
+        self.head = nn.Sequential(nn.GroupNorm(8, widths[0]), nn.SiLU(), nn.Conv2d(widths[0], 3, 3, padding=1))
+
+    @property
+    def factor(self) -> int:
+        return 2 ** (len(self.config.widths) - 1)
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Encoder feature maps, finest first (the skip connections)."""
+        feats = []
+        h = self.stem(x * 2 - 1)
+        for block, pool in zip(self.down, self.pools, strict=True):
+            h = block(h)
+            feats.append(h)
+            h = pool(h)
+        return feats
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.encode(x)
+        h = self.mid(feats[-1])
+        for block, skip in zip(self.up, reversed(feats[:-1]), strict=True):
+            h = F.interpolate(h, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            h = block(torch.cat([h, skip], dim=1))
+        return torch.sigmoid(self.head(h))
+
+
+# --------------------------------------------------------------------------- pipeline
+@dataclass
+class VirtualIHCPipelineOutput(BaseOutput):
+    """Predicted IHC images (PIL list, ``(B, H, W, 3)`` float numpy in [0, 1], or tensor)."""
+
+    images: list[Image.Image] | np.ndarray | torch.Tensor
+
+
+class VirtualIHCPipeline(DiffusionPipeline):
+    r"""H&E -> IHC for one stain, with a fast and/or a diffusion translator.
+
+    Components (any may be ``None`` except what the requested ``model`` needs):
+        generator ([`IHCGenerator`]): the fast translator.
+        vae ([`AutoencoderKL`]), unet ([`UNet2DModel`], ``in_channels = 2 x latent``),
+        scheduler ([`SchedulerMixin`]): the diffusion translator.
+        stain: "her2", "ki67", "er" or "pr".
+    """
+
+    _optional_components = ["generator", "vae", "unet", "scheduler"]
+    model_cpu_offload_seq = "generator->vae->unet"
+
+    def __init__(self, generator: IHCGenerator | None = None, vae: AutoencoderKL | None = None,
+                 unet: UNet2DModel | None = None, scheduler: KarrasDiffusionSchedulers | SchedulerMixin | None = None,
+                 stain: str = "her2"):
+        super().__init__()
+        from studio.data.ihc_pairs import check_stain
+
+        self.register_modules(generator=generator, vae=vae, unet=unet, scheduler=scheduler)
+        self.register_to_config(stain=check_stain(stain))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """Load from a local folder (validated first; safetensors only; no download)."""
+        check_pipeline_folder(pretrained_model_name_or_path)
+        kwargs.setdefault("local_files_only", True)
+        kwargs.setdefault("use_safetensors", True)
+        if "dtype" not in kwargs and "torch_dtype" not in kwargs:
+            kwargs.update(dtype_kwargs(torch.float32))
+        try:
+            pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except Exception as exc:
+            raise WeightsError(pretrained_model_name_or_path, f"cannot load {cls.__name__} "
+                                                              f"({type(exc).__name__}: {exc})") from exc
+        return pipe
+
+    @property
+    def models(self) -> list[str]:
+        """The translators this folder holds."""
+        have = []
+        if self.generator is not None:
+            have.append("fast")
+        if self.unet is not None and self.vae is not None and self.scheduler is not None:
+            have.append("diffusion")
+        return have
+
+    def _factor(self, model: str) -> int:
+        if model == "fast":
+            return self.generator.factor
+        return 2 ** (len(self.vae.config.block_out_channels) - 1) * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    def encode(self, tiles: torch.Tensor) -> torch.Tensor:
+        """RGB [0, 1] -> scaled latents (posterior mean: the condition is deterministic)."""
+        return self.vae.encode(tiles * 2 - 1).latent_dist.mode() * self.vae.config.scaling_factor
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return ((self.vae.decode(latents / self.vae.config.scaling_factor).sample + 1) / 2).clamp(0, 1)
+
+    @staticmethod
+    def as_batch(images) -> torch.Tensor:
+        """uint8 ``(H, W, 3)`` / ``(B, H, W, 3)`` arrays, PIL images, or float ``(B, 3, H, W)`` in [0, 1]."""
+        from studio.io import to_tensor
+
+        if isinstance(images, torch.Tensor):
+            batch = images if images.ndim == 4 else images[None]
+            if batch.shape[1] != 3:
+                raise InputError("images", f"tensor of shape {tuple(images.shape)}; expected (B, 3, H, W)")
+            return batch.float()
+        if isinstance(images, Image.Image):
+            images = [images]
+        if isinstance(images, list):
+            images = np.stack([np.asarray(im.convert("RGB") if isinstance(im, Image.Image) else im) for im in images])
+        arr = np.asarray(images)
+        if arr.ndim == 3:
+            arr = arr[None]
+        if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
+            raise InputError("images", f"shape {arr.shape} dtype {arr.dtype}; expected uint8 RGB (H, W, 3) tiles")
+        return to_tensor(arr)
+
+    @torch.no_grad()
+    def __call__(self, images, model: str = "fast", num_inference_steps: int = 6,
+                 generator: torch.Generator | list[torch.Generator] | None = None, output_type: str = "pil",
+                 return_dict: bool = True, progress: bool = False) -> VirtualIHCPipelineOutput | tuple:
+        r"""Translate H&E tiles to this pipeline's IHC stain.
+
+        Args:
+            images: H&E tiles (see :meth:`as_batch`); sides padded (reflect) to the model's
+                multiple and cropped back.
+            model: "fast" or "diffusion" (see :attr:`models`).
+            num_inference_steps: diffusion steps (few-step sampler; ignored by "fast").
+            generator: seeds the diffusion noise (same seed, same output).
+            output_type: "pil", "np" (float ``(B, H, W, 3)`` in [0, 1]) or "pt".
+        """
+        if model not in MODELS:
+            raise InputError("model", f"{model!r}; choose fast or diffusion")
+        if model not in self.models:
+            raise InputError("model", f"this {self.config.stain} checkpoint has no {model} translator "
+                                      f"(it has: {', '.join(self.models) or 'none'})")
+        if output_type not in ("pil", "np", "pt"):
+            raise InputError("output_type", f"{output_type!r}; use pil, np or pt")
+        x = self.as_batch(images).to(self.device)
+        h, w = x.shape[-2:]
+        f = self._factor(model)
+        ph, pw = (-h) % f, (-w) % f
+        if ph or pw:
+            x = F.pad(x, (0, pw, 0, ph), mode="reflect" if min(h, w) > max(ph, pw) else "replicate")
+        if model == "fast":
+            out = self.generator(x.to(self.generator.dtype))
+        else:
+            cond = self.encode(x.to(self.vae.dtype))
+            latents = randn_tensor(cond.shape, generator=generator, device=self.device, dtype=cond.dtype)
+            latents = latents * self.scheduler.init_noise_sigma
+            self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+            steps = self.scheduler.timesteps
+            for t in self.progress_bar(steps) if progress else steps:
+                model_in = self.scheduler.scale_model_input(latents, t)
+                noise = self.unet(torch.cat([model_in, cond], dim=1), t).sample
+                latents = self.scheduler.step(noise, t, latents).prev_sample
+            out = self.decode(latents)
+        out = out[..., :h, :w].float().clamp(0, 1)
+        if output_type == "pt":
+            result: list[Image.Image] | np.ndarray | torch.Tensor = out
+        else:
+            arr = out.permute(0, 2, 3, 1).cpu().numpy()
+            result = arr if output_type == "np" else [Image.fromarray((a * 255 + 0.5).astype(np.uint8)) for a in arr]
+        if not return_dict:
+            return (result,)
+        return VirtualIHCPipelineOutput(images=result)
+
+
+# --------------------------------------------------------------------------- checkpoints
+CHECKPOINT_PREFIX = "virtual-ihc-"  # checkpoints/virtual-ihc-her2, virtual-ihc-ki67, ...
+
+
+def virtual_ihc_checkpoints(root) -> dict[str, Path]:
+    """Stain -> pipeline folder for every ``virtual-ihc-<stain>`` folder under ``root``."""
+    import json
+
+    from studio.data.ihc_pairs import STAINS
+
+    found = {}
+    root = Path(root)
+    for stain in STAINS:
+        folder = root / f"{CHECKPOINT_PREFIX}{stain}"
+        try:
+            index = json.loads((folder / "model_index.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if index.get("_class_name") == "VirtualIHCPipeline":
+            found[stain] = folder
+    return found
+
+
+def load_virtual_ihc(stain: str, root, device: str = "cpu") -> VirtualIHCPipeline:
+    """The shipped (or user-trained) pipeline of ``stain`` under the checkpoints folder ``root``."""
+    from studio.data.ihc_pairs import check_stain
+
+    stain = check_stain(stain)
+    folders = virtual_ihc_checkpoints(root)
+    if stain not in folders:
+        have = ", ".join(folders) or "none"
+        raise WeightsError(f"{root}/{CHECKPOINT_PREFIX}{stain}", f"no virtual IHC checkpoint for {stain} (have: "
+                                                                  f"{have}); train one with python -m "
+                                                                  f"training.virtual_ihc --config "
+                                                                  f"training/recipes/virtual_ihc_{stain}.yaml")
+    return VirtualIHCPipeline.from_pretrained(folders[stain]).to(device)
+
+
+# --------------------------------------------------------------------------- slide job
+class VirtualIHCTransform:
+    """The pipeline as a tile transform for the slide job (``histostudio translate``):
+    not pixelwise, so slides are processed in windows with a ``halo`` of context whose
+    overlaps are cross-faded (:mod:`studio.blending`)."""
+
+    pixelwise = False
+    command = "translate"
+
+    def __init__(self, pipe: VirtualIHCPipeline, model: str = "fast", *, steps: int = 6, seed: int = 0,
+                 halo: int = 32, checkpoint: str = ""):
+        if model not in pipe.models:
+            raise InputError("--model", f"the {pipe.config.stain} checkpoint has no {model} translator "
+                                        f"(it has: {', '.join(pipe.models) or 'none'})")
+        self.pipe, self.model, self.steps, self.seed, self.halo = pipe, model, steps, seed, halo
+        self.checkpoint = checkpoint
+
+    @property
+    def name(self) -> str:
+        return f"virtual-{self.pipe.config.stain}-{self.model}"
+
+    def estimate(self, tiles):
+        return None
+
+    def apply(self, tiles: np.ndarray, source=None) -> np.ndarray:
+        out = self.pipe(tiles, model=self.model, num_inference_steps=self.steps,
+                        generator=torch.Generator().manual_seed(self.seed), output_type="np").images
+        return (out * 255 + 0.5).astype(np.uint8)
+
+    def describe(self) -> dict:
+        return {"stain": self.pipe.config.stain, "model": self.model, "checkpoint": self.checkpoint,
+                "steps": self.steps if self.model == "diffusion" else None, "seed": self.seed, "halo": self.halo}

@@ -1,0 +1,170 @@
+"""Virtual IHC: pair builder, DAB read-out, pipeline, training recipe, ``histostudio translate``."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from pipelines.virtual_ihc import IHCGenerator, VirtualIHCPipeline
+from studio.cli import app
+from studio.dab import dab_positive_fraction, dab_readout, h_score
+from studio.data.ihc_pairs import hgsc_pairs, misregister, phantom_pair
+from studio.data.samples import load_sample
+from studio.errors import HistostudioError, InputError, WeightsError
+from studio.io import read_image, write_image
+
+
+def tiny_vihc(folder, stain: str = "her2"):
+    torch.manual_seed(0)
+    VirtualIHCPipeline(generator=IHCGenerator(widths=(8, 16)), stain=stain).save_pretrained(folder)
+    return folder
+
+
+def test_phantom_pairs_have_marker_truth_and_misregistration():
+    aligned = phantom_pair(128, "her2", seed=3, aligned=True)
+    shifted = phantom_pair(128, "her2", seed=3)
+    assert np.array_equal(aligned.he, shifted.he)  # the H&E side is untouched
+    assert not np.array_equal(aligned.ihc, shifted.ihc)
+    assert abs(shifted.meta["shift_x"]) <= 6 and abs(shifted.meta["rotate_deg"]) <= 2
+    assert aligned.marker.any()
+    # DAB sits where the truth says: positive pixels are much browner than the rest
+    from studio.dab import dab_density
+
+    d = dab_density(aligned.ihc)
+    assert d[aligned.marker].mean() > 3 * d[~aligned.marker].mean()
+    ki67 = phantom_pair(128, "ki67", seed=3, aligned=True)
+    assert ki67.marker.sum() != aligned.marker.sum()  # nuclear vs membranous pattern
+
+
+def test_real_he_pairs_from_the_labelled_tile():
+    pairs = hgsc_pairs(256, "her2", split="train", stride=256)
+    assert len(pairs) >= 10
+    real = load_sample("hgsc_nest")
+    assert np.array_equal(pairs[0].he, real[:256, :256])  # real pixels on the H&E side
+    positive = [p for p in pairs if p.marker.any()]
+    assert positive and len(positive) < len(pairs)  # some crops hold HER2+ neoplastic cells, some none
+    assert max(dab_positive_fraction(p.ihc) for p in positive) > 0.02
+    assert all(dab_positive_fraction(p.ihc) < 0.01 for p in pairs if not p.marker.any())
+
+
+def test_misregister_warps_masks_and_images_alike():
+    rng = np.random.default_rng(0)
+    image = np.zeros((64, 64, 3), np.uint8)
+    image[20:40, 20:40] = 255
+    mask = image[..., 0] > 0
+    (warped, wmask), info = misregister([image, mask], rng, shift=5, rotate_deg=0, elastic=0)
+    assert wmask.dtype == bool and abs(int(wmask.sum()) - 400) < 60
+    assert np.array_equal(warped[..., 0] > 127, wmask) or (warped[..., 0] > 127).sum() == pytest.approx(wmask.sum(),
+                                                                                                         abs=40)
+
+
+def test_dab_readout_and_h_score_on_real_images():
+    ihc, he = load_sample("ihc"), load_sample("hgsc_nest")
+    r = dab_readout(ihc)
+    assert 20 < r["dab_positive_percent"] < 35 and r["dab_positive_percent"] < r["h_score"] < 150
+    assert h_score(he)["h_score"] < 5  # H&E has next to no DAB
+    blank = np.full((32, 32, 3), 250, np.uint8)
+    assert h_score(blank)["h_score"] == 0.0
+
+
+def test_pipeline_fast_and_diffusion_round_trip(tmp_path):
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        block_out_channels=(8, 8), latent_channels=4, norm_num_groups=4, layers_per_block=1)
+    unet = UNet2DModel(sample_size=16, in_channels=8, out_channels=4, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4, layers_per_block=1)
+    pipe = VirtualIHCPipeline(generator=IHCGenerator(widths=(8, 16)), vae=vae, unet=unet,
+                              scheduler=DDIMScheduler(num_train_timesteps=100), stain="ki67")
+    he = np.ascontiguousarray(load_sample("skin")[:50, :70])  # odd size: padded and cropped back
+    fast = pipe(he, output_type="np").images
+    assert fast.shape == (1, 50, 70, 3)
+    a = pipe(he, model="diffusion", num_inference_steps=2, generator=torch.manual_seed(1), output_type="np").images
+    b = pipe(he, model="diffusion", num_inference_steps=2, generator=torch.manual_seed(1), output_type="np").images
+    c = pipe(he, model="diffusion", num_inference_steps=2, generator=torch.manual_seed(2), output_type="np").images
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    pipe.save_pretrained(tmp_path / "p")
+    loaded = VirtualIHCPipeline.from_pretrained(tmp_path / "p")
+    assert loaded.models == ["fast", "diffusion"] and loaded.config.stain == "ki67"
+    np.testing.assert_allclose(loaded(he, output_type="np").images, fast, atol=1e-5)
+    with pytest.raises(InputError, match="fast or diffusion"):
+        pipe(he, model="gan")
+    with pytest.raises(InputError, match="unknown stain"):
+        VirtualIHCPipeline(stain="cd3")
+    only_fast = VirtualIHCPipeline(generator=IHCGenerator(widths=(8, 16)))
+    with pytest.raises(InputError, match="no diffusion translator"):
+        only_fast(he, model="diffusion")
+    with pytest.raises(InputError, match="expected uint8 RGB"):
+        pipe(np.zeros((8, 8), np.uint8))
+
+
+def test_training_recipe_runs_and_reports_dab_correlation(tmp_path):
+    import yaml
+
+    from training.virtual_ihc import main
+
+    recipe = yaml.safe_load(open("training/recipes/virtual_ihc_her2.yaml"))
+    recipe.update(output_dir=str(tmp_path / "run"), phantom_pairs=3, real_pairs=False, pair_size=96, crop_size=64,
+                  batch_size=2, max_steps=2, validate_every=2, checkpoint_every=1, val_pairs=3, widths=[8, 16])
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    final = main(["--config", str(tmp_path / "r.yaml")])
+    assert VirtualIHCPipeline.from_pretrained(final).models == ["fast"]
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {"val_psnr", "val_ssim", "val_dab_area_corr"} <= set(rows[-1])
+    main(["--config", str(tmp_path / "r.yaml"), "--resume", "latest", "--max-steps", "3"])
+    assert (tmp_path / "run" / "checkpoints" / "checkpoint_3").is_dir()
+
+
+def test_translate_tiles_and_a_slide(tmp_path):
+    from studio.slides import open_slide, write_pyramid
+
+    ckpt = tiny_vihc(tmp_path / "ckpt")
+    tiles = tmp_path / "tiles"
+    for i, (y, x) in enumerate([(0, 0), (300, 300)]):
+        write_image(tiles / f"t{i}.png", np.ascontiguousarray(load_sample("hgsc_nest")[y:y + 96, x:x + 96]))
+    region = np.ascontiguousarray(load_sample("hgsc_nest")[:300, :400])
+    slide = write_pyramid(tmp_path / "slide.tif", iter([region]), 400, 300, tile_size=512, mpp=0.5,
+                          compression="deflate")
+    out = tmp_path / "out"
+    args = ["translate", str(tiles), str(slide), "--stain", "her2", "--checkpoint", str(ckpt), "--out", str(out),
+            "--tile-size", "128", "--halo", "16"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert read_image(out / "tiles" / "t0.png").shape == (96, 96, 3)
+    with open_slide(out / "slide.tif") as s:
+        assert s.dimensions == (400, 300)
+    readout = json.loads((out / "dab_readout.json").read_text())
+    assert {"tiles/t0.png", "tiles/t1.png", "slide.tif"} <= set(readout)
+    assert "h_score" in readout["slide.tif"] and (out / "slide_dab_heatmap.png").is_file()
+    assert "wrote DAB read-out" in result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["run"]["command"] == "translate" and manifest["run"]["transform"]["stain"] == "her2"
+    assert manifest["units"]["slide"]["halo"] == 16
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--stain", "cd8"], "unknown stain"),
+    (["--stain", "her2", "--model", "diffusion"], "no diffusion translator"),
+    (["--stain", "ki67"], "is a her2 model"),
+])
+def test_translate_bad_requests(tmp_path, extra, message):
+    ckpt = tiny_vihc(tmp_path / "ckpt")
+    write_image(tmp_path / "t.png", np.ascontiguousarray(load_sample("skin")[:64, :64]))
+    result = CliRunner().invoke(app, ["translate", str(tmp_path / "t.png"), "--checkpoint", str(ckpt), "--out",
+                                      str(tmp_path / "o"), *extra])
+    assert result.exit_code != 0 and isinstance(result.exception, HistostudioError)
+    assert message in str(result.exception)
+
+
+def test_translate_without_a_checkpoint_says_how_to_train(tmp_path, monkeypatch):
+    monkeypatch.setenv("HISTOSTUDIO_CHECKPOINTS", str(tmp_path))
+    write_image(tmp_path / "t.png", np.ascontiguousarray(load_sample("skin")[:64, :64]))
+    result = CliRunner().invoke(app, ["translate", str(tmp_path / "t.png"), "--out", str(tmp_path / "o")])
+    assert isinstance(result.exception, WeightsError)
+    assert "training/recipes/virtual_ihc_her2.yaml" in str(result.exception)
