@@ -89,9 +89,10 @@ class VirtualIHCConfig:
 # --------------------------------------------------------------------------- data
 def build_pairs(cfg: VirtualIHCConfig) -> tuple[np.ndarray, np.ndarray]:
     """uint8 (N, S, S, 3) H&E and IHC stacks of all training pairs."""
-    from studio.data.ihc_pairs import hgsc_pairs, phantom_pairs
+    from studio.data.ihc_pairs import IHC_SEEDS_HELD_OUT, hgsc_pairs, phantom_pairs
 
     pairs = phantom_pairs(cfg.phantom_pairs, cfg.pair_size, cfg.stain, seed=cfg.seed * 100_000 + 1000)
+    assert cfg.seed * 100_000 + 1000 + cfg.phantom_pairs < IHC_SEEDS_HELD_OUT, "training seeds reach the held-out ones"
     if cfg.real_pairs:
         pairs += hgsc_pairs(cfg.pair_size, cfg.stain, split="train", seed=cfg.seed)
     he = [p.he for p in pairs]
@@ -113,10 +114,10 @@ def build_pairs(cfg: VirtualIHCConfig) -> tuple[np.ndarray, np.ndarray]:
 
 
 def held_out_pairs(cfg: VirtualIHCConfig, aligned: bool = False):
-    """Phantom pairs from seeds the training never draws (``9_000_000 + i``)."""
-    from studio.data.ihc_pairs import phantom_pairs
+    """Phantom pairs from seeds the training never draws (:data:`~studio.data.ihc_pairs.IHC_SEEDS_HELD_OUT` on)."""
+    from studio.data.ihc_pairs import IHC_SEEDS_HELD_OUT, phantom_pairs
 
-    return phantom_pairs(cfg.val_pairs, cfg.pair_size, cfg.stain, seed=9_000_000, aligned=aligned)
+    return phantom_pairs(cfg.val_pairs, cfg.pair_size, cfg.stain, seed=IHC_SEEDS_HELD_OUT, aligned=aligned)
 
 
 def crop_batch(he: list[np.ndarray], ihc: list[np.ndarray], step: int, cfg: VirtualIHCConfig):

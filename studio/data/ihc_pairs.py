@@ -43,6 +43,7 @@ DEFAULT_POSITIVE: dict[str, float] = {"her2": 0.7, "ki67": 0.35, "er": 0.6, "pr"
 DAB_LEVEL = {"membrane": 1.4, "cytoplasm": 0.12, "nuclear": 0.9}
 MARKER_THRESHOLD = 0.3  # DAB concentration that counts as marker-bearing in the truth mask
 COUNTERSTAIN = 0.45  # IHC hematoxylin relative to the H&E's
+IHC_SEEDS_HELD_OUT = 9_000_000  # phantom pairs from here on are never drawn for training
 
 
 @dataclass
