@@ -23,7 +23,7 @@ import numpy as np
 
 from studio.errors import InputError
 
-WindowFn = Callable[[list[np.ndarray]], list[np.ndarray]]
+WindowFn = Callable[[list[np.ndarray], list], list[np.ndarray]]  # (windows, their boxes) -> outputs
 
 
 def ramp(start: int, stop: int, tile_start: int, tile_stop: int, total: int, halo: int) -> np.ndarray:
@@ -50,7 +50,9 @@ def blended_tiles(grid, read_window: Callable[[object], np.ndarray], transform: 
         grid: a :class:`studio.slides.TileGrid`.
         read_window: reads a tile-like box (``x, y, size``) at the grid's scale, e.g.
             ``lambda t: read_tile(slide, grid, t)``.
-        transform: uint8 windows -> uint8 windows of the same shapes.
+        transform: ``(uint8 windows, their boxes)`` -> uint8 windows of the same shapes; a box
+            carries the window's position (``x``, ``y``) on the grid, e.g. for noise that
+            must agree where windows overlap.
         halo: context pixels on each side (at most half the tile size).
     """
     t = grid.tile_size
@@ -91,7 +93,7 @@ def blended_tiles(grid, read_window: Callable[[object], np.ndarray], transform: 
         outputs: list[np.ndarray] = []
         for i in range(0, len(windows), batch_size):
             chunk = windows[i:i + batch_size]
-            outputs += transform([read_window(box) for _, box in chunk])
+            outputs += transform([read_window(box) for _, box in chunk], [box for _, box in chunk])
         for (tile, box), out in zip(windows, outputs, strict=True):
             bw, bh = box.size
             if out.shape[:2] != (bh, bw):

@@ -185,6 +185,34 @@ def data_inspect(path: Annotated[Path, typer.Argument(help="A PanNuke, CoNIC or 
     _summarise(path)
 
 
+@data_app.command("stain-pairs")
+def data_stain_pairs(
+    out: Annotated[Path, typer.Option(help="Output folder: source/, target/, reference/ PNGs + manifest.csv.")],
+    n: Annotated[int, typer.Option("--n", help="Number of pairs.")] = 256,
+    size: Annotated[int, typer.Option(help="Tile side in pixels.")] = 256,
+    split: Annotated[str, typer.Option(help="Which band of the real samples to crop: train or heldout.")] = "train",
+    real_target: Annotated[float, typer.Option(help="Share of pairs whose target is the untouched real crop.")
+                           ] = 0.3,
+    tone_prob: Annotated[float, typer.Option(help="Share of sources that also get a scanner-like tone change.")
+                         ] = 0.5,
+    seed: Annotated[int, typer.Option(help="Seed (crops and stains).")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")] = False,
+) -> None:
+    """Many-to-one stain-translation pairs from real tiles (re-rendered stains and tones) with provenance."""
+    from studio.data.splits import regions
+    from studio.data.stain_pairs import make_pairs, write_pairs
+
+    if split not in ("train", "heldout"):
+        raise HistostudioError(f"--split {split!r}: use train or heldout")
+    r = regions(split)
+    pairs = make_pairs(list(r.values()), n, size, seed=seed, real_target=real_target, tone_prob=tone_prob,
+                       names=list(r))
+    write_pairs(out, pairs, overwrite=overwrite)
+    real = sum(p.meta["target"] == "real" for p in pairs)
+    console.print(f"wrote {len(pairs)} stain pairs ({real} with real-pixel targets) from {', '.join(r)} "
+                  f"[{split}]: {out}/ (source/, target/, reference/, manifest.csv)")
+
+
 # --------------------------------------------------------------------------- demo
 @app.command()
 def demo(

@@ -257,7 +257,9 @@ def _process_slide(unit: Unit, transform: TileTransform, opts: JobOptions, repor
                 from studio.slides import read_tile
 
                 for n, tile in enumerate(blended_tiles(grid, lambda box: read_tile(slide, grid, box),
-                                                       lambda windows: _apply_batch(transform, windows, source),
+                                                       lambda windows, boxes: _apply_batch(
+                                                           transform, windows, source,
+                                                           origins=[(b.y, b.x) for b in boxes]),
                                                        halo=min(halo, grid.tile_size // 2),
                                                        batch_size=opts.batch_size), start=1):
                     yield tile
@@ -278,14 +280,20 @@ def _process_slide(unit: Unit, transform: TileTransform, opts: JobOptions, repor
                 "fallback": bool(getattr(source, "fallback", False)), "halo": halo}
 
 
-def _apply_batch(transform: TileTransform, batch: Sequence[np.ndarray], source: Any) -> list[np.ndarray]:
-    """Apply to a list of tiles: same-shaped tiles are stacked into one call."""
+def _apply_batch(transform: TileTransform, batch: Sequence[np.ndarray], source: Any,
+                 origins: Sequence[tuple[int, int]] | None = None) -> list[np.ndarray]:
+    """Apply to a list of tiles: same-shaped tiles are stacked into one call. Transforms that
+    declare ``positional = True`` also get each tile's (y, x) origin on the slide grid."""
     out: list[np.ndarray | None] = [None] * len(batch)
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for i, tile in enumerate(batch):
         by_shape.setdefault(tile.shape, []).append(i)
     for idx in by_shape.values():
-        result = transform.apply(np.stack([batch[i] for i in idx]), source)
+        stack = np.stack([batch[i] for i in idx])
+        if origins is not None and getattr(transform, "positional", False):
+            result = transform.apply(stack, source, origins=[origins[i] for i in idx])
+        else:
+            result = transform.apply(stack, source)
         for j, i in enumerate(idx):
             out[i] = result[j]
     return out  # type: ignore[return-value]

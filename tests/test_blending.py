@@ -40,7 +40,7 @@ def test_identity_transform_reproduces_the_slide(slide_path):
     path, image = slide_path
     with open_slide(path) as slide:
         grid = tile_grid(slide, tile_size=256)
-        tiles = list(blended_tiles(grid, lambda box: read_tile(slide, grid, box), lambda ws: ws, halo=32))
+        tiles = list(blended_tiles(grid, lambda box: read_tile(slide, grid, box), lambda ws, boxes: ws, halo=32))
     out = assemble(tiles, grid)
     assert np.abs(out.astype(int) - image.astype(int)).max() <= 1  # float16 accumulation, +-1 in the halo bands
     assert (out == image).mean() > 0.99
@@ -51,7 +51,7 @@ def test_blending_removes_seams_of_a_context_dependent_transform(slide_path):
     mean, like a network's global context) leaves seams when tiles are processed alone."""
     path, _ = slide_path
 
-    def contextual(windows):
+    def contextual(windows, boxes):
         return [np.clip(w.astype(np.float32) * (150.0 / w.mean()), 0, 255).astype(np.uint8) for w in windows]
 
     def seam_ratio(out: np.ndarray, t: int) -> float:
@@ -73,4 +73,4 @@ def test_halo_larger_than_half_a_tile_is_refused(slide_path):
     with open_slide(path) as slide:
         grid = tile_grid(slide, tile_size=128)
         with pytest.raises(InputError, match="half the tile size"):
-            list(blended_tiles(grid, lambda b: read_tile(slide, grid, b), lambda ws: ws, halo=100))
+            list(blended_tiles(grid, lambda b: read_tile(slide, grid, b), lambda ws, boxes: ws, halo=100))

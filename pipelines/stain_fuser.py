@@ -1,0 +1,292 @@
+"""``StainFuserPipeline``: diffusion stain normalization (after StainFuser), per tile and per slide.
+
+A conditional latent diffusion model renders a source tile in a target stain:
+
+* **structure** enters by latent concatenation: the UNet (diffusers ``UNet2DModel``) sees
+  the noisy target latent next to the source tile's latent (same tile VAE);
+* **style** enters through the reference: :func:`reference_statistics` of the reference
+  tiles (tissue optical-density mean and covariance -- the stain vectors and strengths --
+  plus CIELAB mean and spread) go through :class:`ReferenceEncoder` to a vector added to
+  the timestep embedding (``class_embed_type="identity"``);
+* **deterministic, few-step**: sampling starts from the *source latent* noised to
+  ``strength`` (not from pure noise: the structure is already there), then DDIM with
+  ``eta = 0`` for at most 10 steps. The noise is a fixed function of the seed and of the
+  tile's position on the slide (:func:`positional_noise`), so overlapping tiles share it
+  and agree; blank tiles are passed through untouched (nothing is hallucinated on glass).
+
+The same network trained with L1 and no noise is the **one-step regressor**
+(``config.mode = "regressor"``): the baseline the diffusion model has to beat.
+
+Registered as the tile transform ``stainfuser`` (entry point), so ``histostudio normalize
+--method stainfuser --reference REF`` runs it over slide batches with halo cross-fading.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DModel
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.schedulers import KarrasDiffusionSchedulers, SchedulerMixin
+from diffusers.utils import BaseOutput
+from PIL import Image
+from torch import nn
+
+from pipelines.loading import check_pipeline_folder, dtype_kwargs
+from studio.errors import InputError, WeightsError
+
+N_STATS = 15
+MIN_TISSUE = 0.05  # tiles with less tissue pass through unchanged
+
+
+def reference_statistics(tiles: torch.Tensor) -> torch.Tensor:
+    """``(N, 3, H, W)`` float tiles -> ``(15,)`` stain statistics of their pooled tissue pixels:
+    OD mean (3), OD covariance upper triangle (6), CIELAB mean (3) and std (3) (LAB scaled to ~unit).
+
+    Raises:
+        InputError: the tiles hold (almost) no tissue -- a reference must show stained tissue.
+    """
+    from studio.color import rgb_to_lab, rgb_to_od, tissue_mask
+
+    tiles = tiles.float().clamp(0, 1)
+    mask = tissue_mask(tiles)[:, 0]
+    if mask.float().mean() < 0.02 or int(mask.sum()) < 256:
+        raise InputError("reference", "holds no tissue (blank, glass or background): give tiles of stained tissue "
+                                      "in the target stain")
+    od = rgb_to_od(tiles).permute(1, 0, 2, 3)[:, mask]  # (3, M)
+    lab = rgb_to_lab(tiles).permute(1, 0, 2, 3)[:, mask] / torch.tensor([[50.0], [50.0], [50.0]])
+    mean = od.mean(1)
+    cov = torch.cov(od)
+    iu = torch.triu_indices(3, 3)
+    return torch.cat([mean, cov[iu[0], iu[1]] * 4, lab.mean(1), lab.std(1) * 2])
+
+
+class ReferenceEncoder(ModelMixin, ConfigMixin):
+    """Reference statistics -> the vector added to the UNet's timestep embedding."""
+
+    @register_to_config
+    def __init__(self, n_stats: int = N_STATS, embed_dim: int = 256):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(n_stats, embed_dim), nn.SiLU(), nn.Linear(embed_dim, embed_dim))
+
+    def forward(self, stats: torch.Tensor) -> torch.Tensor:
+        return self.net(stats)
+
+
+def positional_noise(shape: tuple[int, int, int], origin: tuple[int, int], seed: int, block: int = 8) -> torch.Tensor:
+    """Gaussian noise ``(C, h, w)`` that is a fixed function of (seed, absolute latent position).
+
+    The latent plane is cut into ``block`` x ``block`` cells, each drawn from its own
+    generator keyed by (seed, cell row, cell column); any window is assembled from the cells
+    it covers, so two overlapping windows see identical noise where they overlap.
+    """
+    c, h, w = shape
+    y0, x0 = origin
+    by0, bx0 = y0 // block, x0 // block
+    by1, bx1 = (y0 + h - 1) // block, (x0 + w - 1) // block
+    canvas = np.empty((c, (by1 - by0 + 1) * block, (bx1 - bx0 + 1) * block), dtype=np.float32)
+    for by in range(by0, by1 + 1):
+        for bx in range(bx0, bx1 + 1):
+            rng = np.random.default_rng([seed & 0xFFFFFFFF, by + 2**31, bx + 2**31])
+            canvas[:, (by - by0) * block:(by - by0 + 1) * block, (bx - bx0) * block:(bx - bx0 + 1) * block] = \
+                rng.standard_normal((c, block, block), dtype=np.float32)
+    oy, ox = y0 - by0 * block, x0 - bx0 * block
+    return torch.from_numpy(canvas[:, oy:oy + h, ox:ox + w].copy())
+
+
+@dataclass
+class StainFuserPipelineOutput(BaseOutput):
+    images: list[Image.Image] | np.ndarray | torch.Tensor
+    passed_through: list[bool]
+
+
+class StainFuserPipeline(DiffusionPipeline):
+    r"""Render source tiles in the stain of a reference.
+
+    Components:
+        vae ([`AutoencoderKL`]): the tile autoencoder.
+        unet ([`UNet2DModel`]): ``in_channels = 2 x latent``, ``class_embed_type="identity"``.
+        reference_encoder ([`ReferenceEncoder`]): reference statistics -> timestep-embedding offset.
+        scheduler ([`SchedulerMixin`]): DDIM (deterministic with ``eta = 0``).
+        mode: "diffusion" or "regressor" (one step, no noise).
+    """
+
+    model_cpu_offload_seq = "reference_encoder->vae->unet"
+
+    def __init__(self, vae: AutoencoderKL, unet: UNet2DModel, reference_encoder: ReferenceEncoder,
+                 scheduler: KarrasDiffusionSchedulers | SchedulerMixin, mode: str = "diffusion"):
+        super().__init__()
+        if mode not in ("diffusion", "regressor"):
+            raise InputError("mode", f"{mode!r}; diffusion or regressor")
+        self.register_modules(vae=vae, unet=unet, reference_encoder=reference_encoder, scheduler=scheduler)
+        self.register_to_config(mode=mode)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        check_pipeline_folder(pretrained_model_name_or_path, required=("vae", "unet", "reference_encoder",
+                                                                       "scheduler"))
+        kwargs.setdefault("local_files_only", True)
+        kwargs.setdefault("use_safetensors", True)
+        if "dtype" not in kwargs and "torch_dtype" not in kwargs:
+            kwargs.update(dtype_kwargs(torch.float32))
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except Exception as exc:
+            raise WeightsError(pretrained_model_name_or_path, f"cannot load {cls.__name__} "
+                                                              f"({type(exc).__name__}: {exc})") from exc
+
+    @property
+    def latent_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def size_multiple(self) -> int:
+        return self.latent_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    def style(self, reference: torch.Tensor | np.ndarray | list) -> torch.Tensor:
+        """The style vector ``(1, D)`` of reference tiles (uint8 arrays, float tensors) or of
+        precomputed :func:`reference_statistics` ``(15,)``."""
+        from studio.io import to_tensor
+
+        if isinstance(reference, torch.Tensor) and reference.ndim == 1:
+            stats = reference
+        else:
+            if isinstance(reference, list):
+                reference = np.stack([np.asarray(r) for r in reference]) if all(
+                    np.asarray(r).shape == np.asarray(reference[0]).shape for r in reference) else reference
+            if isinstance(reference, list):  # different sizes: pool statistics tile by tile
+                stats = torch.stack([reference_statistics(to_tensor(np.asarray(r))) for r in reference]).mean(0)
+            else:
+                t = reference if isinstance(reference, torch.Tensor) else to_tensor(np.asarray(reference))
+                stats = reference_statistics(t if t.ndim == 4 else t[None])
+        return self.reference_encoder(stats.to(self.device, self.unet.dtype)[None])
+
+    @torch.no_grad()
+    def __call__(self, images, reference, num_inference_steps: int = 6, strength: float = 0.6, seed: int = 0,
+                 origins: list[tuple[int, int]] | None = None, output_type: str = "pil",
+                 return_dict: bool = True) -> StainFuserPipelineOutput | tuple:
+        r"""Normalize ``images`` (uint8 ``(B, H, W, 3)`` / ``(H, W, 3)`` or float ``(B, 3, H, W)``).
+
+        Args:
+            reference: tiles in the target stain (or their :func:`reference_statistics`).
+            num_inference_steps: DDIM steps over the full schedule (at most 10 are run:
+                ``strength x steps``).
+            strength: how far the source latent is noised before denoising (0..1).
+            seed, origins: the noise is :func:`positional_noise` at each tile's top-left pixel
+                (``origins``; default (0, 0)), so overlapping slide tiles share it.
+        """
+        from studio.color import tissue_mask
+        from studio.io import to_tensor
+
+        if output_type not in ("pil", "np", "pt"):
+            raise InputError("output_type", f"{output_type!r}; use pil, np or pt")
+        if not 0 < strength <= 1:
+            raise InputError("strength", f"{strength}; use 0 < strength <= 1")
+        if num_inference_steps < 1:
+            raise InputError("num_inference_steps", "at least 1")
+        x = images if isinstance(images, torch.Tensor) else to_tensor(np.asarray(images))
+        if x.ndim == 3:
+            x = x[None]
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise InputError("images", f"shape {tuple(x.shape)}; expected RGB tiles")
+        b, _, h, w = x.shape
+        m = self.size_multiple
+        if h % m or w % m:
+            raise InputError("images", f"{h}x{w} tiles; sides must be multiples of {m} (pad or resize)")
+        x = x.to(self.device, self.unet.dtype)
+        tissue = tissue_mask(x.float())[:, 0].float().mean(dim=(1, 2))
+        blank = (tissue < MIN_TISSUE).tolist()
+        style = self.style(reference).expand(b, -1)
+        scale = self.vae.config.scaling_factor
+        src = self.vae.encode(x * 2 - 1).latent_dist.mode() * scale
+        if self.config.mode == "regressor":
+            t0 = torch.zeros(b, device=self.device, dtype=torch.long)
+            latents = self.unet(torch.cat([src, src], 1), t0, class_labels=style).sample
+        else:
+            self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+            start = max(1, min(10, int(round(num_inference_steps * strength))))
+            timesteps = self.scheduler.timesteps[num_inference_steps - start:]
+            f = self.latent_factor
+            origins = origins or [(0, 0)] * b
+            noise = torch.stack([positional_noise(tuple(src.shape[1:]), (oy // f, ox // f), seed)
+                                 for oy, ox in origins]).to(src)
+            latents = self.scheduler.add_noise(src, noise, timesteps[:1].repeat(b))
+            for t in timesteps:
+                eps = self.unet(torch.cat([latents, src], 1), t, class_labels=style).sample
+                latents = self.scheduler.step(eps, t, latents, eta=0.0).prev_sample
+        out = ((self.vae.decode(latents / scale).sample + 1) / 2).clamp(0, 1).float()
+        for i, is_blank in enumerate(blank):
+            if is_blank:
+                out[i] = x[i].float()
+        if any(blank):
+            warnings.warn(f"{sum(blank)} of {b} tile(s) hold no tissue and were passed through unchanged",
+                          stacklevel=2)
+        if output_type == "pt":
+            result: Any = out
+        else:
+            arr = out.permute(0, 2, 3, 1).cpu().numpy()
+            result = arr if output_type == "np" else [Image.fromarray((a * 255 + 0.5).astype(np.uint8)) for a in arr]
+        if not return_dict:
+            return (result, blank)
+        return StainFuserPipelineOutput(images=result, passed_through=blank)
+
+
+# --------------------------------------------------------------------------- tile transform
+class StainFuserTransform:
+    """The pipeline as a slide-job tile transform: windows with a halo, shared positional noise."""
+
+    pixelwise = False
+    positional = True
+
+    def __init__(self, pipe: StainFuserPipeline, reference_stats: torch.Tensor, *, steps: int = 6,
+                 strength: float = 0.6, seed: int = 0, halo: int = 32, reference: str = "", checkpoint: str = ""):
+        self.pipe, self.stats, self.steps, self.strength, self.seed, self.halo = (pipe, reference_stats, steps,
+                                                                                  strength, seed, halo)
+        self.reference, self.checkpoint = reference, checkpoint
+
+    name = "stainfuser"
+
+    def estimate(self, tiles):
+        return None  # the model needs no per-slide source estimate
+
+    def apply(self, tiles: np.ndarray, source=None, origins: list[tuple[int, int]] | None = None) -> np.ndarray:
+        m = self.pipe.size_multiple
+        b, h, w, _ = tiles.shape
+        ph, pw = (-h) % m, (-w) % m
+        padded = np.pad(tiles, ((0, 0), (0, ph), (0, pw), (0, 0)), mode="reflect" if min(h, w) > max(ph, pw)
+                        else "edge") if ph or pw else tiles
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = self.pipe(padded, self.stats, num_inference_steps=self.steps, strength=self.strength,
+                            seed=self.seed, origins=origins, output_type="np").images
+        return (out[:, :h, :w] * 255 + 0.5).astype(np.uint8)
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": "stainfuser", "mode": self.pipe.config.mode, "checkpoint": self.checkpoint,
+                "reference": self.reference, "steps": self.steps, "strength": self.strength, "seed": self.seed,
+                "halo": self.halo}
+
+
+def create_tile_transform(reference: str | Path | None = None, device: str | None = None, seed: int = 0,
+                          checkpoint: str | Path | None = None, steps: int = 6, strength: float = 0.6,
+                          halo: int = 32, **_: Any) -> StainFuserTransform:
+    """Entry point ``histostudio.tile_transforms: stainfuser`` (see :mod:`studio.transforms`)."""
+    from studio.info import checkpoints_dir
+    from studio.io import to_tensor
+    from studio.transforms import load_reference_images
+
+    if reference is None:
+        raise InputError("--reference", "stainfuser needs a reference in the target stain (image, folder, slide "
+                                        "or sample name)")
+    folder = Path(checkpoint) if checkpoint else checkpoints_dir() / "stain-fuser"
+    pipe = StainFuserPipeline.from_pretrained(folder).to(device or "cpu")
+    images = load_reference_images(reference)
+    stats = torch.stack([reference_statistics(to_tensor(np.ascontiguousarray(im))) for im in images]).mean(0)
+    return StainFuserTransform(pipe, stats, steps=steps, strength=strength, seed=seed, halo=halo,
+                               reference=str(reference), checkpoint=str(folder))

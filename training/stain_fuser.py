@@ -1,0 +1,222 @@
+"""Train the StainFuser-style normalizer (:class:`pipelines.stain_fuser.StainFuserPipeline`).
+
+    python -m training.stain_fuser --config training/recipes/stain_fuser.yaml [--resume latest]
+    python -m training.stain_fuser --config training/recipes/stain_fuser_regressor.yaml
+
+Pairs (:mod:`studio.data.stain_pairs`) are drawn on the fly from the *train* regions of the
+real samples: a crop re-rendered in a random stain (plus, half the time, a scanner-like
+tone change) is the source; the same crop in another random stain -- or untouched, then
+the truth is real pixels -- is the target; another crop of the same image in the target's
+stain is the reference. Each batch is a pure function of ``(seed, step)`` (exact resume).
+
+``mode: diffusion``: DDPM noise-prediction loss on the target latent with the source latent
+concatenated and the reference statistics as the class embedding; EMA. ``mode:
+regressor``: the same network with timestep 0 predicts the target latent directly, L1 loss
+-- the one-step baseline. Both save a pipeline folder; validation on held-out crops reports
+CIEDE2000 and SSIM to the truth.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from training.utils import MetricsLog, common_args, load_checkpoint, load_config, resume_path, save_checkpoint
+
+
+@dataclass
+class StainFuserConfig:
+    output_dir: str = "runs/stain_fuser"
+    mode: str = "diffusion"  # diffusion | regressor
+    vae: str = "checkpoints/tile-vae"
+    seed: int = 0
+    crop_size: int = 128
+    batch_size: int = 16
+    real_target: float = 0.3
+    tone_prob: float = 0.5
+    max_steps: int = 4000
+    learning_rate: float = 3e-4
+    warmup_steps: int = 200
+    ema_decay: float = 0.999
+    checkpoint_every: int = 250
+    keep_checkpoints: int = 2
+    validate_every: int = 1000
+    val_pairs: int = 32
+    inference_steps: int = 6
+    strength: float = 0.6
+    threads: int = 1
+    mixed_precision: str = "no"
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"
+    unet_channels: tuple[int, ...] = (64, 128, 128)
+    style_dim: int = 256
+
+
+def pair_batch(images: list[np.ndarray], names: list[str], step: int, cfg: StainFuserConfig):
+    from studio.data.stain_pairs import make_pairs
+    from studio.io import to_tensor
+
+    pairs = make_pairs(images, cfg.batch_size, cfg.crop_size, seed=cfg.seed * 1_000_003 + step,
+                       real_target=cfg.real_target, tone_prob=cfg.tone_prob, names=names)
+    stack = [to_tensor(np.stack([getattr(p, side) for p in pairs])) for side in ("source", "target", "reference")]
+    return stack
+
+
+def held_out_pairs(cfg: StainFuserConfig):
+    from studio.data.splits import regions
+    from studio.data.stain_pairs import make_pairs
+
+    r = regions("heldout")
+    return make_pairs(list(r.values()), cfg.val_pairs, cfg.crop_size, seed=777_777, names=list(r))
+
+
+@torch.no_grad()
+def evaluate(pipe, pairs, cfg: StainFuserConfig, out_png: Path | None = None) -> dict[str, float]:
+    from studio.io import to_tensor, to_uint8
+    from studio.metrics import ciede2000, ssim
+
+    src = np.stack([p.source for p in pairs])
+    truth = to_tensor(np.stack([p.target for p in pairs]))
+    preds = [pipe(src[i:i + 1], [pairs[i].reference], num_inference_steps=cfg.inference_steps,
+                  strength=cfg.strength, output_type="pt").images for i in range(len(pairs))]
+    pred = torch.cat(preds)
+    metrics = {"ciede2000": float(ciede2000(pred, truth).mean()), "ssim": float(ssim(pred, truth).mean()),
+               "ciede2000_source": float(ciede2000(to_tensor(src), truth).mean())}
+    if out_png is not None:
+        from studio.report import contact_sheet, save_png
+
+        show = range(min(6, len(pairs)))
+        save_png(contact_sheet([("source", [(str(i), src[i]) for i in show]),
+                                ("reference", [(str(i), pairs[i].reference) for i in show]),
+                                ("truth", [(str(i), to_uint8(truth[i:i + 1])[0]) for i in show]),
+                                (f"{cfg.mode} (dE00 {metrics['ciede2000']:.2f})",
+                                 [(str(i), to_uint8(pred[i:i + 1])[0]) for i in show])], cell=128), out_png)
+    return metrics
+
+
+def lr_at(step: int, cfg: StainFuserConfig) -> float:
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+class StyledUNet(torch.nn.Module):
+    """UNet + reference encoder as one trainable module."""
+
+    def __init__(self, unet, encoder):
+        super().__init__()
+        self.unet, self.encoder = unet, encoder
+
+    def forward(self, x, t, stats):
+        return self.unet(x, t, class_labels=self.encoder(stats)).sample
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = common_args(__doc__.split("\n\n")[0], Path(__file__).parent / "recipes" / "stain_fuser.yaml")
+    args = parser.parse_args(argv)
+    cfg = load_config(StainFuserConfig, args.config, {"max_steps": args.max_steps, "output_dir": args.output_dir,
+                                                      "threads": args.threads})
+    if cfg.mode not in ("diffusion", "regressor"):
+        raise ValueError(f"mode must be diffusion or regressor, got {cfg.mode!r}")
+    torch.set_num_threads(cfg.threads)
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DModel
+    from diffusers.training_utils import EMAModel
+
+    from pipelines.encoders import load_model_folder
+    from pipelines.stain_fuser import ReferenceEncoder, StainFuserPipeline, reference_statistics
+    from studio.data.splits import regions
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, project_dir=str(out))
+    set_seed(cfg.seed)
+    vae = load_model_folder(AutoencoderKL, Path(cfg.vae)).eval().requires_grad_(False).to(accelerator.device)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    latent = vae.config.latent_channels
+    n = len(cfg.unet_channels)
+    unet = UNet2DModel(sample_size=cfg.crop_size // factor, in_channels=2 * latent, out_channels=latent,
+                       block_out_channels=tuple(cfg.unet_channels), layers_per_block=1,
+                       down_block_types=("DownBlock2D",) * (n - 1) + ("AttnDownBlock2D",),
+                       up_block_types=("AttnUpBlock2D",) + ("UpBlock2D",) * (n - 1), norm_num_groups=32,
+                       class_embed_type="identity", time_embedding_dim=cfg.style_dim)
+    encoder = ReferenceEncoder(embed_dim=cfg.style_dim)
+    model = StyledUNet(unet, encoder)
+    noise_scheduler = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg))
+    model, opt, sched = accelerator.prepare(model, opt, sched)
+    ema = EMAModel(accelerator.unwrap_model(model).parameters(), decay=cfg.ema_decay)
+    accelerator.register_for_checkpointing(ema)
+    start = 0
+    checkpoint = resume_path(out, args.resume)
+    if checkpoint is not None:
+        start = load_checkpoint(accelerator, checkpoint)
+        accelerator.print(f"resumed from {checkpoint} at step {start}")
+    train = regions("train")
+    images, names = list(train.values()), list(train)
+    val = held_out_pairs(cfg)
+    scale = vae.config.scaling_factor
+    log = MetricsLog(out)
+
+    def pipeline(m):
+        sch = DDIMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule)
+        return StainFuserPipeline(vae=vae, unet=m.unet, reference_encoder=m.encoder, scheduler=sch, mode=cfg.mode)
+
+    for step in range(start, cfg.max_steps):
+        src, tgt, ref = (t.to(accelerator.device) for t in pair_batch(images, names, step, cfg))
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        with torch.no_grad():
+            stats = torch.stack([reference_statistics(r[None]) for r in ref])
+            src_lat = vae.encode(src * 2 - 1).latent_dist.mode() * scale
+            tgt_lat = vae.encode(tgt * 2 - 1).latent_dist.mode() * scale
+        with accelerator.accumulate(model):
+            if cfg.mode == "regressor":
+                t0 = torch.zeros(len(src), dtype=torch.long, device=src.device)
+                loss = F.l1_loss(model(torch.cat([src_lat, src_lat], 1), t0, stats), tgt_lat)
+            else:
+                noise = torch.randn(tgt_lat.shape, generator=gen).to(tgt_lat)
+                t = torch.randint(0, cfg.num_train_timesteps, (len(src),), generator=gen).to(src.device)
+                noisy = noise_scheduler.add_noise(tgt_lat, noise, t)
+                loss = F.mse_loss(model(torch.cat([noisy, src_lat], 1), t, stats), noise)
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+        ema.step(accelerator.unwrap_model(model).parameters())
+        done = step + 1
+        if done % 25 == 0:
+            log.write(step=done, loss=loss.item(), lr=sched.get_last_lr()[0])
+        if done % cfg.validate_every == 0 or done == cfg.max_steps:
+            m = accelerator.unwrap_model(model)
+            ema.store(m.parameters())
+            ema.copy_to(m.parameters())
+            m.eval()
+            metrics = evaluate(pipeline(m), val, cfg, out / "validation" / f"step_{done:06d}.png")
+            m.train()
+            ema.restore(m.parameters())
+            log.write(step=done, **{f"val_{k}": v for k, v in metrics.items()})
+            accelerator.print(f"step {done}: loss {loss.item():.4f} {metrics}")
+        if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
+            save_checkpoint(accelerator, out, done, cfg.keep_checkpoints)
+    m = accelerator.unwrap_model(model)
+    ema.copy_to(m.parameters())
+    m.eval()
+    final = out / "final"
+    pipeline(m).save_pretrained(final)
+    accelerator.print(f"wrote {final}")
+    return final
+
+
+if __name__ == "__main__":
+    main()
