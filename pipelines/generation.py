@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -107,7 +108,7 @@ class GenerationSettings:
     steps: int = 20
     guidance: float = 2.0
     seed: int = 0
-    scheduler: str = "dpm"
+    scheduler: str = "ddim"
     device: str = "cpu"
     dtype: str = "float32"
     compile: bool = False
@@ -116,9 +117,10 @@ class GenerationSettings:
 
 def load_generation_pipeline(settings: GenerationSettings):
     """The pipeline from its folder, with the requested scheduler, dtype and device."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+    from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
     from pipelines.embedding_to_image import EmbeddingToImagePipeline
+    from pipelines.loading import latent_ddim
 
     folder = Path(settings.checkpoint)
     if not folder.exists():
@@ -128,10 +130,17 @@ def load_generation_pipeline(settings: GenerationSettings):
     if settings.dtype not in dtypes:
         raise InputError("--dtype", f"{settings.dtype!r}; use float32, bf16 or fp16")
     pipe = EmbeddingToImagePipeline.from_pretrained(folder, **dtype_kwargs(dtypes[settings.dtype]))
-    schedulers = {"dpm": DPMSolverMultistepScheduler, "ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}
+    schedulers = {"ddim": None, "dpm": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler}
     if settings.scheduler not in schedulers:
         raise InputError("--scheduler", f"{settings.scheduler!r}; use {', '.join(schedulers)}")
-    pipe.scheduler = schedulers[settings.scheduler].from_config(pipe.scheduler.config)
+    config = pipe.scheduler.config
+    if settings.scheduler == "ddim":
+        pipe.scheduler = latent_ddim(config)
+    else:
+        if config.get("prediction_type", "epsilon") == "epsilon" and config.get("beta_schedule") == "squaredcos_cap_v2":
+            warnings.warn(f"--scheduler {settings.scheduler}: this epsilon-prediction model on the cosine schedule "
+                          "samples reliably only with DDIM (x0 clipping); expect colour artefacts", stacklevel=2)
+        pipe.scheduler = schedulers[settings.scheduler].from_config(config, timestep_spacing="leading", steps_offset=1)
     pipe.to(settings.device)
     if settings.device.startswith("cuda"):
         try:

@@ -64,9 +64,10 @@ def export_ldm(run: Path) -> Path:
     from pipelines.embedding_sampler import fit_on_real_tiles
     from pipelines.embedding_to_image import EmbeddingToImagePipeline
     from pipelines.encoders import load_encoder
-    from pipelines.loading import save_fp16
+    from pipelines.loading import latent_ddim, save_fp16
 
     pipe = EmbeddingToImagePipeline.from_pretrained(run / "final")
+    pipe.scheduler = latent_ddim(pipe.scheduler.config)  # the sampler the model is reliable with
     shipped_vae = CKPT / "tile-vae"
     encoder = load_encoder("builtin")
     trained_with = json.loads((run / "final" / "encoder.json").read_text())

@@ -526,7 +526,8 @@ def generate_embedding(
     checkpoint: Annotated[str | None, typer.Option(help="Pipeline folder (default: the shipped demo).")] = None,
     encoder: Annotated[str, typer.Option(help="Encoder (auto: the one the checkpoint was trained with).")
                        ] = "auto",
-    scheduler: Annotated[str, typer.Option(help="dpm, ddim or euler.")] = "dpm",
+    scheduler: Annotated[str, typer.Option(help="ddim (default: clipped x0, reliable for the shipped model), dpm or "
+                                                "euler (for v-prediction models).")] = "ddim",
     seed: Annotated[int, typer.Option(help="Seed of the first image (image i uses seed+i).")] = 0,
     device: Annotated[str, typer.Option(help="torch device (cpu, cuda).")] = "cpu",
     dtype: Annotated[str, typer.Option(help="float32, bf16 or fp16 (GPU).")] = "float32",

@@ -107,3 +107,26 @@ def test_embedding_sampler_fits_labels_and_round_trips(tmp_path):
     torch.testing.assert_close(slerp(a, b, 1.0), b)
     mid = slerp(a, b, 0.5)
     assert torch.allclose(mid.norm(dim=-1), (a.norm(dim=-1) + b.norm(dim=-1)) / 2, atol=1e-5)
+
+
+def test_default_sampler_clips_latent_x0_and_unclipped_ones_warn(tmp_path):
+    """The shipped model is epsilon-prediction on the cosine schedule (alpha_bar(999) ~ 2e-9):
+    the default sampler is DDIM with x0 clipped to the latents' range; DPM/Euler warn."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    from pipelines.generation import GenerationSettings, load_generation_pipeline
+    from pipelines.loading import LATENT_CLIP
+
+    folder = tiny_checkpoint(tmp_path / "ck")
+    from pipelines.embedding_to_image import EmbeddingToImagePipeline
+
+    pipe = EmbeddingToImagePipeline.from_pretrained(folder)
+    pipe.scheduler = DDPMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2")
+    pipe.save_pretrained(folder)
+    loaded = load_generation_pipeline(GenerationSettings(checkpoint=str(folder), encoder="auto"))
+    assert isinstance(loaded.scheduler, DDIMScheduler)
+    assert loaded.scheduler.config.clip_sample and loaded.scheduler.config.clip_sample_range == LATENT_CLIP
+    loaded.scheduler.set_timesteps(10)
+    assert int(loaded.scheduler.timesteps[0]) < 99  # the degenerate last timestep is not sampled
+    with pytest.warns(UserWarning, match="only with DDIM"):
+        load_generation_pipeline(GenerationSettings(checkpoint=str(folder), encoder="auto", scheduler="dpm"))

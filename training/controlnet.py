@@ -128,11 +128,12 @@ def main(argv: list[str] | None = None) -> Path:
     torch.set_num_threads(cfg.threads)
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
+    from diffusers import DDPMScheduler
     from diffusers.training_utils import EMAModel
 
     from pipelines.embedding_to_image import EmbeddingToImagePipeline
     from pipelines.encoders import load_encoder
+    from pipelines.loading import latent_ddim
     from pipelines.mask_to_image import MaskToImagePipeline, control_map, controlnet_from_base
     from studio.data.samples import PANNUKE_CLASSES
     from studio.stain.augment import StainAugment
@@ -212,7 +213,7 @@ def main(argv: list[str] | None = None) -> Path:
             ema.store(model.parameters())
             ema.copy_to(model.parameters())
             model.eval()
-            scheduler = DPMSolverMultistepScheduler.from_config(base.scheduler.config, algorithm_type="dpmsolver++")
+            scheduler = latent_ddim(base.scheduler.config)
             pipe = MaskToImagePipeline(vae=vae, unet=unet, conditioner=conditioner, controlnet=model,
                                        scheduler=scheduler, class_names=list(classes.values()))
             metrics = validate(pipe, val_layouts, cfg, out / "validation" / f"step_{done:06d}.png")
@@ -227,7 +228,7 @@ def main(argv: list[str] | None = None) -> Path:
     ema.copy_to(model.parameters())
     model.eval()
     final = out / "final"
-    scheduler = DPMSolverMultistepScheduler.from_config(base.scheduler.config, algorithm_type="dpmsolver++")
+    scheduler = latent_ddim(base.scheduler.config)
     MaskToImagePipeline(vae=vae, unet=unet, conditioner=conditioner, controlnet=model, scheduler=scheduler,
                         class_names=list(classes.values())).save_pretrained(final)
     accelerator.print(f"wrote {final}")

@@ -148,12 +148,10 @@ def lr_at(step: int, cfg: LDMConfig) -> float:
 
 
 def make_pipeline(vae, unet, conditioner, cfg: LDMConfig):
-    from diffusers import DPMSolverMultistepScheduler
-
     from pipelines.embedding_to_image import EmbeddingToImagePipeline
+    from pipelines.loading import latent_ddim
 
-    scheduler = DPMSolverMultistepScheduler(num_train_timesteps=cfg.num_train_timesteps,
-                                            beta_schedule=cfg.beta_schedule, algorithm_type="dpmsolver++")
+    scheduler = latent_ddim(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule)
     return EmbeddingToImagePipeline(vae=vae, unet=unet, conditioner=conditioner, scheduler=scheduler)
 
 

@@ -128,10 +128,11 @@ def main(argv: list[str] | None = None) -> Path:
     torch.set_num_threads(cfg.threads)
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DModel
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel
     from diffusers.training_utils import EMAModel
 
     from pipelines.encoders import load_model_folder
+    from pipelines.loading import latent_ddim
     from pipelines.stain_fuser import ReferenceEncoder, StainFuserPipeline, reference_statistics
     from studio.data.splits import regions
 
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> Path:
     log = MetricsLog(out)
 
     def pipeline(m):
-        sch = DDIMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule)
+        sch = latent_ddim(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule)
         return StainFuserPipeline(vae=vae, unet=m.unet, reference_encoder=m.encoder, scheduler=sch, mode=cfg.mode)
 
     for step in range(start, cfg.max_steps):

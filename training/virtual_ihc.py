@@ -246,14 +246,12 @@ def lr_at(step: int, cfg: VirtualIHCConfig) -> float:
 
 # --------------------------------------------------------------------------- loops
 def make_pipeline(cfg: VirtualIHCConfig, generator=None, vae=None, unet=None):
-    from diffusers import DPMSolverMultistepScheduler
-
+    from pipelines.loading import latent_ddim
     from pipelines.virtual_ihc import VirtualIHCPipeline
 
     scheduler = None
     if unet is not None:
-        scheduler = DPMSolverMultistepScheduler(num_train_timesteps=cfg.num_train_timesteps,
-                                                beta_schedule=cfg.beta_schedule, algorithm_type="dpmsolver++")
+        scheduler = latent_ddim(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule)
     return VirtualIHCPipeline(generator=generator, vae=vae if unet is not None else None, unet=unet,
                               scheduler=scheduler, stain=cfg.stain)
 
