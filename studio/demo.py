@@ -14,9 +14,11 @@ the studio: every capability adds a step.
    classical threshold-and-watershed baseline;
 6. synthetic H&E: variations of a held-out real tile from its SSL embedding;
 7. rare-class nuclei patches (dead + inflammatory) drawn to edited real label maps, written
-   as a PanNuke dataset with exact labels (``histostudio generate rare``).
+   as a PanNuke dataset with exact labels (``histostudio generate rare``);
+8. virtual IHC: held-out real H&E translated to HER2 (and any other installed stain), with
+   the DAB read-out (``histostudio translate``).
 
-Steps 5-7 run when their shipped checkpoints exist.
+Steps 5-8 run when their shipped checkpoints exist.
 """
 
 from __future__ import annotations
@@ -242,6 +244,9 @@ def step_generate(out: Path, rows: list, summary: dict, seed: int) -> Written:
     return [("generated variations", out / "generation" / "variations")]
 
 
+RARE_STEPS = 20  # sampling steps of the rare-class demo step
+
+
 def step_rare(out: Path, rows: list, summary: dict, seed: int) -> Written:
     """Rare-class patches as a ready-to-train PanNuke dataset (histostudio generate rare)."""
     from pipelines.rare_generation import RareRequest, generate_rare
@@ -252,10 +257,17 @@ def step_rare(out: Path, rows: list, summary: dict, seed: int) -> Written:
     if not folder.is_dir():
         rows.append(("7. rare-class patches: skipped (no checkpoints/mask-ldm)", []))
         return []
+    from studio.errors import OutputError
+
     target = out / "rare_dead_inflammatory"
-    info = generate_rare(RareRequest(labels="hgsc_nest", classes="dead,inflammatory", count=4, per_patch=3,
-                                     size=128, out=str(target), checkpoint=str(folder), seed=seed,
-                                     overwrite=True), log=lambda _: None)
+    try:
+        info = generate_rare(RareRequest(labels="hgsc_nest", classes="dead,inflammatory", count=4, per_patch=3,
+                                         size=128, out=str(target), checkpoint=str(folder), seed=seed,
+                                         steps=RARE_STEPS, overwrite=True), log=lambda _: None)
+    except OutputError as exc:  # the quality filter rejected too much: say so, keep the demo going
+        rows.append((f"7. rare-class patches: none passed the quality filter ({exc})", []))
+        summary["rare"] = {"error": str(exc)}
+        return []
     data = open_dataset(target)
     cells = []
     for i in range(len(data)):
@@ -265,6 +277,35 @@ def step_rare(out: Path, rows: list, summary: dict, seed: int) -> Written:
                  f"{info['written_counts']} nuclei, rejection rate {info['rejection_rate']:.0%}", cells))
     summary["rare"] = {k: info[k] for k in ("requested_counts", "written_counts", "rejection_rate")}
     return [("rare-class PanNuke dataset", target)]
+
+
+def step_virtual_ihc(out: Path, rows: list, summary: dict, seed: int) -> Written:
+    """Held-out real H&E -> virtual IHC with the DAB read-out (histostudio translate)."""
+    from pipelines.virtual_ihc import load_virtual_ihc, virtual_ihc_checkpoints
+    from studio.dab import dab_heatmap, dab_readout
+    from studio.data.splits import region
+    from studio.info import checkpoints_dir
+
+    found = virtual_ihc_checkpoints(checkpoints_dir())
+    if not found:
+        rows.append(("8. virtual IHC: skipped (no checkpoints/virtual-ihc-<stain>)", []))
+        return []
+    he = np.ascontiguousarray(region("hgsc_nest", "heldout")[300:556, :256])
+    cells = [("real held-out H&E", he)]
+    written: Written = []
+    for stain in found:
+        pipe = load_virtual_ihc(stain, checkpoints_dir())
+        model = pipe.models[0]
+        ihc = (pipe(he, model=model, generator=torch.Generator().manual_seed(seed), output_type="np").images[0]
+               * 255 + 0.5).astype(np.uint8)
+        path = write_image(out / "virtual_ihc" / f"virtual_{stain}.png", ihc)
+        readout = dab_readout(ihc)
+        cells += [(f"virtual {stain} ({model})", ihc),
+                  (f"DAB {readout['dab_positive_percent']:.1f} %, H {readout['h_score']:.0f}", dab_heatmap(ihc))]
+        summary.setdefault("virtual_ihc", {})[stain] = {k: round(v, 3) for k, v in readout.items()}
+        written.append((f"virtual {stain}", path))
+    rows.append(("8. virtual IHC of held-out real H&E (histostudio translate) and its DAB read-out", cells))
+    return written
 
 
 def load_tiles_mosaic(folder: Path, columns: int = 4) -> np.ndarray:
@@ -293,6 +334,7 @@ def run_demo(out: str | Path, seed: int = 0, console: Console | None = None) -> 
         ("nuclei segmentation", lambda: step_segment(out, rows, summary)),
         ("embedding-conditioned generation", lambda: step_generate(out, rows, summary, seed)),
         ("rare-class patches", lambda: step_rare(out, rows, summary, seed)),
+        ("virtual IHC", lambda: step_virtual_ihc(out, rows, summary, seed)),
     ]
     for name, step in steps:
         start = time.perf_counter()

@@ -92,3 +92,29 @@ def test_segment_command_writes_maps_geojson_and_fails_on_bad_input(tmp_path):
     result = runner.invoke(app, ["segment", str(tmp_path / "tile.png"), str(tmp_path / "broken.png"),
                                  "--out", str(tmp_path / "o2"), "--checkpoint", str(tmp_path / "seg")])
     assert result.exit_code == 1 and "broken" in result.output
+
+
+def test_demo_generation_steps_with_tiny_checkpoints(tmp_path, monkeypatch):
+    """Steps 7 and 8 of the demo run on whatever checkpoints are installed (tiny ones here)."""
+    import torch
+    from factories import tiny_mask_checkpoint
+
+    import studio.demo
+    from pipelines.virtual_ihc import IHCGenerator, VirtualIHCPipeline
+    from studio.demo import step_rare, step_virtual_ihc
+
+    monkeypatch.setattr(studio.demo, "RARE_STEPS", 2)
+
+    ckpts = tmp_path / "ckpts"
+    tiny_mask_checkpoint(ckpts / "mask-ldm")
+    torch.manual_seed(0)
+    VirtualIHCPipeline(generator=IHCGenerator(widths=(8, 16)), stain="her2").save_pretrained(
+        ckpts / "virtual-ihc-her2")
+    monkeypatch.setenv("HISTOSTUDIO_CHECKPOINTS", str(ckpts))
+    rows, summary = [], {}
+    written = step_virtual_ihc(tmp_path / "out", rows, summary, seed=0)
+    assert written[0][1].is_file() and "her2" in summary["virtual_ihc"]
+    assert rows[0][0].startswith("8. virtual IHC") and len(rows[0][1]) == 3
+    step_rare(tmp_path / "out", rows, summary, seed=0)  # an untrained model: patches, or the filter says why
+    assert rows[1][0].startswith("7. rare-class patches")
+    assert "written_counts" in summary["rare"] or "mask-agreement filter" in summary["rare"]["error"]
