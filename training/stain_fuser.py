@@ -54,7 +54,7 @@ class StainFuserConfig:
     mixed_precision: str = "no"
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
-    unet_channels: tuple[int, ...] = (64, 128, 128)
+    unet_channels: tuple[int, ...] = (32, 64, 128)
     style_dim: int = 256
 
 

@@ -79,7 +79,7 @@ class VirtualIHCConfig:
     nce_temperature: float = 0.07
     # diffusion model
     vae: str = "checkpoints/tile-vae"
-    unet_channels: tuple[int, ...] = (64, 128, 128)
+    unet_channels: tuple[int, ...] = (32, 64, 128)
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
     inference_steps: int = 6
