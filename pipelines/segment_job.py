@@ -128,7 +128,7 @@ def _segment_image(item: SegmentInput, out: Path, segmenter: Any, opts: dict[str
     image = read_image(item.path)
     h, w = image.shape[:2]
     inst, cls, info = segmenter.segment(image, tile_size=opts["tile_size"], overlap=opts["overlap"],
-                                        batch_size=opts["batch_size"],
+                                        batch_size=opts["batch_size"], image_mpp=opts.get("image_mpp"),
                                         progress=lambda d, t: emit("windows", done=d, total=t))
     names = segmenter.class_names
     written = [(f"{item.name} inst", save_npy(out / f"{item.name}_inst.npy", inst)),
@@ -137,7 +137,7 @@ def _segment_image(item: SegmentInput, out: Path, segmenter: Any, opts: dict[str
     write_features(geo, nucleus_features(inst, cls, names or {}, simplify=opts["simplify"],
                                          type_prob=info["type_prob"]))
     written.append((f"{item.name} geojson", geo))
-    mpp = opts["mpp"]
+    mpp = opts.get("image_mpp") or opts["mpp"]
     js = write_hovernet_json(out / "json" / f"{item.name}.json", inst, cls, type_prob=info["type_prob"],
                              mag=round(10.0 / mpp, 2) if mpp else None)
     written.append((f"{item.name} json", js))
@@ -225,6 +225,7 @@ def segment_inputs(
     overlap: int = 64,
     batch_size: int = 4,
     mpp: float | None = None,
+    image_mpp: float | None = None,
     simplify: float = 0.5,
     progress: Progress | None = None,
     errors: list[tuple[str, str]] | None = None,
@@ -237,6 +238,8 @@ def segment_inputs(
         segmenter: a :class:`~pipelines.segmenter.NucleiSegmenter`.
         tile_size, overlap: sliding-window side and overlap in pixels.
         batch_size: windows per forward pass.
+        image_mpp: microns per pixel of plain images when it differs from the model's; they are
+            resampled to the model's resolution and the maps returned on the image's grid.
         mpp: working resolution for slides (microns per pixel); None = the segmenter's.
             Images are always segmented at their own pixel size; for them ``mpp`` is only
             recorded (summary, and ``mag = 10 / mpp`` in the HoVer-Net JSON).
@@ -267,7 +270,8 @@ def segment_inputs(
     items = expand_segment_inputs(inputs)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    opts = {"tile_size": tile_size, "overlap": overlap, "batch_size": batch_size, "mpp": mpp, "simplify": simplify}
+    opts = {"tile_size": tile_size, "overlap": overlap, "batch_size": batch_size, "mpp": mpp, "simplify": simplify,
+            "image_mpp": image_mpp}
     names = segmenter.class_names
     rows: list[dict[str, Any]] = []
     written: list[tuple[str, Path]] = []

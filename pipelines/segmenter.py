@@ -517,12 +517,15 @@ class NucleiSegmenter:
 
     # ------------------------------------------------------------------ labels
     def segment(self, image: np.ndarray, *, tile_size: int = 256, overlap: int = 64, batch_size: int = 4,
-                margin: int = 48, band_rows: int = 512,
+                margin: int = 48, band_rows: int = 512, image_mpp: float | None = None,
                 progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         """Instance and class maps of a uint8 ``(H, W, 3)`` image of any size.
 
         Overlapping ``tile_size`` windows (``overlap`` pixels shared), blended, then
-        post-processed in bands (see :func:`segment_windows`).
+        post-processed in bands (see :func:`segment_windows`). ``image_mpp``: the image's
+        microns per pixel when it differs from the model's (e.g. a 10x image, ~1 um/px):
+        the image is resampled to the model's resolution and the maps back to the image's
+        pixel grid (nuclei that shrink below a pixel are dropped).
 
         Returns:
             ``inst`` int32 ``(H, W)`` (contiguous ids), ``cls`` uint8 ``(H, W)`` and ``info``:
@@ -532,6 +535,10 @@ class NucleiSegmenter:
         arr = np.asarray(image)
         if arr.ndim != 3 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
             raise InputError("image", f"shape {arr.shape} dtype {arr.dtype}; expected uint8 (H, W, 3) RGB")
+        if image_mpp is not None and self.mpp and abs(image_mpp / self.mpp - 1) > 0.05:
+            return self._segment_rescaled(arr, float(image_mpp), tile_size=tile_size, overlap=overlap,
+                                          batch_size=batch_size, margin=margin, band_rows=band_rows,
+                                          progress=progress)
         if batch_size < 1:
             raise InputError("batch_size", f"{batch_size}; must be positive")
         h, w = arr.shape[:2]
@@ -562,6 +569,33 @@ class NucleiSegmenter:
         info = {"n_nuclei": int(inst.max(initial=0)),
                 "class_counts": {int(c): int(counts[c]) for c in range(len(counts))},
                 "type_prob": type_prob, "windows": counter[0], "seconds": round(time.time() - start, 3)}
+        return inst, cls, info
+
+
+    def _segment_rescaled(self, arr: np.ndarray, image_mpp: float, **kwargs: Any
+                          ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        from PIL import Image
+
+        from studio.nuclei import relabel_sequential
+
+        if not 0.05 <= image_mpp <= 20:
+            raise InputError("image_mpp", f"{image_mpp}; expected microns per pixel between 0.05 and 20")
+        h, w = arr.shape[:2]
+        factor = image_mpp / self.mpp
+        size = (max(16, round(w * factor)), max(16, round(h * factor)))
+        resample = Image.Resampling.BICUBIC if factor > 1 else Image.Resampling.BOX
+        work = np.asarray(Image.fromarray(arr).resize(size, resample))
+        inst, cls, info = self.segment(work, **kwargs)
+        inst = np.asarray(Image.fromarray(inst).resize((w, h), Image.Resampling.NEAREST), dtype=np.int32)
+        cls = np.asarray(Image.fromarray(cls).resize((w, h), Image.Resampling.NEAREST), dtype=np.uint8)
+        kept = np.unique(inst[inst > 0])
+        inst = relabel_sequential(inst)
+        old_to_new = dict(zip(kept.tolist(), range(1, len(kept) + 1), strict=True))
+        info["type_prob"] = {old_to_new[k]: v for k, v in info["type_prob"].items() if k in old_to_new}
+        counts = np.bincount(_types_of(inst, cls), minlength=self.num_classes + 1)
+        info.update(n_nuclei=int(inst.max(initial=0)),
+                    class_counts={int(c): int(counts[c]) for c in range(len(counts))},
+                    image_mpp=image_mpp, working_mpp=self.mpp)
         return inst, cls, info
 
 

@@ -381,6 +381,9 @@ def segment(
     overlap: Annotated[int, typer.Option(help="Window overlap in pixels (nuclei on borders come out whole).")
                        ] = 64,
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 4,
+    image_mpp: Annotated[float | None, typer.Option(help="Microns/pixel of plain images when not the model's "
+                                                         "(e.g. 1.0 for 10x): resampled for the model, maps "
+                                                         "returned on the image's grid.")] = None,
     mpp: Annotated[float | None, typer.Option(help="Working resolution for slides, microns/pixel "
                                                    "(default: the segmenter's).")] = None,
     tta: Annotated[bool, typer.Option("--tta", help="Average predictions over flips (slower, steadier).")] = False,
@@ -410,7 +413,7 @@ def segment(
                               f"({event['seconds']:.1f} s)")
 
         written = segment_inputs(inputs, out, segmenter, tile_size=tile_size, overlap=overlap, batch_size=batch_size,
-                                 mpp=mpp, progress=on_event, errors=errors)
+                                 mpp=mpp, image_mpp=image_mpp, progress=on_event, errors=errors)
     for label, path in written:
         console.print(f"wrote {label}: {path}")
     if errors:
