@@ -4,6 +4,7 @@
     python scripts/export_checkpoints.py ssl-encoder    # runs/ssl_encoder/final    -> checkpoints/ssl-encoder
     python scripts/export_checkpoints.py embedding-ldm  # runs/ldm/final (+ sampler) -> checkpoints/embedding-ldm
     python scripts/export_checkpoints.py segmenter      # runs/segmenter/final      -> checkpoints/nuclei-segmenter
+    python scripts/export_checkpoints.py virtual-ihc-her2  # runs/virtual_ihc_her2[_diffusion]/final -> ...-her2
 
 Each exported folder gets ``training.json``: the recipe, the exact command, the seed, the
 step count and the run's last validation metrics, so every shipped weight can be
@@ -89,9 +90,35 @@ def export_ldm(run: Path) -> Path:
     return dst
 
 
+def export_virtual_ihc(runs: Path, stain: str) -> Path:
+    """runs/virtual_ihc_<stain> (fast) and, when finished, runs/virtual_ihc_<stain>_diffusion
+    -> one pipeline folder holding both translators (its vae a symlink to ../tile-vae)."""
+    from pipelines.loading import latent_ddim, save_fp16
+    from pipelines.virtual_ihc import VirtualIHCPipeline
+
+    fast_run, diff_run = runs / f"virtual_ihc_{stain}", runs / f"virtual_ihc_{stain}_diffusion"
+    fast = VirtualIHCPipeline.from_pretrained(fast_run / "final")
+    parts = {"generator": fast.generator}
+    info = {"fast": provenance(fast_run, "virtual_ihc", f"virtual_ihc_{stain}.yaml")}
+    if (diff_run / "final").is_dir():
+        diff = VirtualIHCPipeline.from_pretrained(diff_run / "final")
+        parts.update(vae=diff.vae, unet=diff.unet, scheduler=latent_ddim(diff.scheduler.config))
+        info["diffusion"] = provenance(diff_run, "virtual_ihc", f"virtual_ihc_{stain}_diffusion.yaml")
+    pipe = VirtualIHCPipeline(stain=stain, **parts)
+    dst = CKPT / f"virtual-ihc-{stain}"
+    replace_folder(dst)
+    save_fp16(pipe, dst)
+    if (dst / "vae").is_dir():
+        shutil.rmtree(dst / "vae")
+        os.symlink(os.path.relpath(CKPT / "tile-vae", dst), dst / "vae")
+    (dst / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+    return dst
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["vae", "ssl-encoder", "embedding-ldm", "segmenter"])
+    parser.add_argument("what", choices=["vae", "ssl-encoder", "embedding-ldm", "segmenter", "virtual-ihc-her2",
+                                         "virtual-ihc-ki67"])
     parser.add_argument("--runs", type=Path, default=ROOT / "runs")
     parser.add_argument("--command", action="append", default=None, dest="commands",
                         help="the exact training commands, in order, when the run was not one plain recipe run "
@@ -115,6 +142,8 @@ def main() -> None:
 
         out = export_model(HoVerNetLite, args.runs / "segmenter" / "final", CKPT / "nuclei-segmenter",
                            provenance(args.runs / "segmenter", "segmenter", "segmenter.yaml"))
+    elif args.what.startswith("virtual-ihc-"):
+        out = export_virtual_ihc(args.runs, args.what.removeprefix("virtual-ihc-"))
     else:
         out = export_ldm(args.runs / "ldm")
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file() and not f.is_symlink()) / 2**20
