@@ -204,17 +204,21 @@ def step_segment(out: Path, rows: list, summary: dict) -> Written:
         rows.append(("5. nuclei segmentation: skipped (no checkpoints/nuclei-segmenter)", []))
         return []
     segmenter = NucleiSegmenter.from_pretrained(folder)
-    tiles = {"hgsc_heldout": np.ascontiguousarray(region("hgsc_nest", "heldout")[600:856, :256]),
-             "skin": np.ascontiguousarray(load_sample("skin")[500:756, 400:656])}
-    src = out / "segmentation" / "inputs"
-    paths = [write_image(src / f"{name}.png", tile) for name, tile in tiles.items()]
-    written = segment_inputs(paths, out / "segmentation", segmenter)
+    # skin.tif carries no pixel size; its nuclei are half as long as at 0.5 um/px: ~1 um/px (10x)
+    tiles = {"hgsc_heldout": (np.ascontiguousarray(region("hgsc_nest", "heldout")[600:856, :256]), None),
+             "skin": (np.ascontiguousarray(load_sample("skin")[500:756, 400:656]), 1.0)}
+    written = []
+    for name, (tile, image_mpp) in tiles.items():  # one folder each: each has its own summary.csv
+        path = write_image(out / "segmentation" / "inputs" / f"{name}.png", tile)
+        written += segment_inputs([path], out / "segmentation" / name, segmenter, image_mpp=image_mpp)
+    tiles = {name: tile for name, (tile, _) in tiles.items()}
     cells = []
     for name, tile in tiles.items():
-        inst = np.load(out / "segmentation" / f"{name}_inst.npy")
-        cls = np.load(out / "segmentation" / f"{name}_cls.npy")
+        inst = np.load(out / "segmentation" / name / f"{name}_inst.npy")
+        cls = np.load(out / "segmentation" / name / f"{name}_cls.npy")
         base, _ = threshold_watershed_baseline(tile)
-        cells += [(f"{name}: {int(inst.max())} nuclei", overlay_labels(tile, inst, cls)),
+        label = f"{name} (read at 1 um/px)" if name == "skin" else name
+        cells += [(f"{label}: {int(inst.max())} nuclei", overlay_labels(tile, inst, cls)),
                   (f"baseline: {int(base.max())}", overlay_labels(tile, base))]
         summary.setdefault("segmentation", {})[name] = {"nuclei": int(inst.max()), "baseline_nuclei": int(base.max())}
     rows.append(("5. nuclei segmentation on tissue the segmenter never saw (histostudio segment) vs "
@@ -290,8 +294,8 @@ def step_virtual_ihc(out: Path, rows: list, summary: dict, seed: int) -> Written
     if not found:
         rows.append(("8. virtual IHC: skipped (no checkpoints/virtual-ihc-<stain>)", []))
         return []
-    he = np.ascontiguousarray(region("hgsc_nest", "heldout")[300:556, :256])
-    cells = [("real held-out H&E", he)]
+    he = np.ascontiguousarray(region("tiatoolbox_target", "heldout")[300:556, :256])  # breast carcinoma
+    cells = [("held-out real H&E (breast)", he)]
     written: Written = []
     for stain in found:
         pipe = load_virtual_ihc(stain, checkpoints_dir())
@@ -304,7 +308,8 @@ def step_virtual_ihc(out: Path, rows: list, summary: dict, seed: int) -> Written
                   (f"DAB {readout['dab_positive_percent']:.1f} %, H {readout['h_score']:.0f}", dab_heatmap(ihc))]
         summary.setdefault("virtual_ihc", {})[stain] = {k: round(v, 3) for k, v in readout.items()}
         written.append((f"virtual {stain}", path))
-    rows.append(("8. virtual IHC of held-out real H&E (histostudio translate) and its DAB read-out", cells))
+    rows.append(("8. virtual IHC of real H&E the translator never saw (histostudio translate), DAB read-out",
+                 cells))
     return written
 
 

@@ -31,7 +31,8 @@ def contact_sheet(rows: Sequence[Row], cell: int = 192, title: str | None = None
     title_h = 28 if title else 0
     ncols = max((len(cells) for _, cells in rows), default=1)
     width = pad + ncols * (cell + pad)
-    height = title_h + sum(row_title_h + cell + caption_h + pad for _ in rows) + pad
+    # A row without images (e.g. a skipped step) is just its title line.
+    height = title_h + sum(row_title_h + (cell + caption_h + pad if cells else 0) for _, cells in rows) + pad
     sheet = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(sheet)
     if title:
@@ -46,7 +47,8 @@ def contact_sheet(rows: Sequence[Row], cell: int = 192, title: str | None = None
             img.thumbnail((cell, cell), Image.Resampling.LANCZOS)
             sheet.paste(img, (x + (cell - img.width) // 2, y + (cell - img.height) // 2))
             draw.text((x, y + cell + 2), caption[:34], fill="black", font=_font(11))
-        y += cell + caption_h + pad
+        if cells:
+            y += cell + caption_h + pad
     return sheet
 
 
