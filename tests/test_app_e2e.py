@@ -130,3 +130,42 @@ def test_normalize_page_in_a_real_browser(server, browser, tmp_path):
             shutil.copyfile(shot, ROOT / "docs" / "app_screenshot.png")
     finally:
         page.close()
+
+
+def test_virtual_ihc_page_in_a_real_browser(server, browser, tmp_path):
+    """Upload a real H&E tile on the virtual IHC page (shipped HER2 checkpoint) and wait for
+    the virtual stain to render."""
+    if not (ROOT / "checkpoints" / "virtual-ihc-her2" / "model_index.json").is_file():
+        pytest.skip("no shipped virtual-ihc-her2 checkpoint")
+    tile = tmp_path / "breast_he.png"
+    Image.fromarray(np.ascontiguousarray(load_sample("tiatoolbox_target")[300:556, 0:256])).save(tile)
+    page = browser.new_page(viewport={"width": 1400, "height": 1560})
+    try:
+        page.goto(f"{server}/?page=virtual-ihc")
+        source = page.locator('[data-testid="stRadio"]', has=page.get_by_text("H&E from", exact=True)).first
+        source.wait_for(timeout=STEP_TIMEOUT_MS)
+        source.get_by_text("Upload", exact=True).click()
+        uploader = page.locator('[data-testid="stFileUploader"] input[type="file"]').first
+        uploader.wait_for(state="attached", timeout=STEP_TIMEOUT_MS)
+        uploader.set_input_files(str(tile))
+
+        page.get_by_text("virtual HER2", exact=True).wait_for(timeout=STEP_TIMEOUT_MS)
+        assert page.locator('[data-testid="stException"]').count() == 0
+        assert page.locator('[data-testid="stAlertContentError"]').count() == 0
+        image = page.locator('[data-testid="stImage"]', has=page.get_by_text("virtual HER2", exact=True)
+                             ).locator("img").first
+        image.wait_for(state="visible", timeout=STEP_TIMEOUT_MS)
+        page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=image.element_handle(),
+                               timeout=STEP_TIMEOUT_MS)
+        pixels = np.asarray(Image.open(io.BytesIO(image.screenshot())).convert("RGB"), dtype=np.float32)
+        assert pixels.shape[0] > 100 and pixels.std() > 10  # a stained image, not a blank one
+        brown = (pixels[..., 0] > pixels[..., 2] + 15).mean()  # DAB is brown: red above blue
+        assert brown > 0.005, brown
+        page.get_by_text("DAB-positive tissue", exact=False).first.wait_for(timeout=STEP_TIMEOUT_MS)
+        shot = tmp_path / "virtual_ihc.png"
+        page.screenshot(path=str(shot), full_page=True)
+        assert shot.stat().st_size > 10_000
+        if os.environ.get("HISTOSTUDIO_UPDATE_SCREENSHOT") == "1":
+            shutil.copyfile(shot, ROOT / "docs" / "app_virtual_ihc.png")
+    finally:
+        page.close()
