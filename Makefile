@@ -24,8 +24,11 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -c "import torch, studio; print('histostudio ready: torch', torch.__version__)"
 	touch $(STAMP)
 
+APP ?= 0
+
 demo: venv
 	$(VENV)/bin/histostudio demo --out demo_output
+	@if [ "$(APP)" = "1" ]; then $(VENV)/bin/histostudio app; else echo "open the studio in a browser: make app (or: make demo APP=1)"; fi
 
 test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)
