@@ -134,6 +134,12 @@ def generate_rare(req: RareRequest, on_step: Step | None = None, log: Callable[[
     out = Path(req.out)
     if out.exists() and not req.overwrite:  # before loading anything
         raise OutputError(out, "already exists; pass --overwrite to replace it")
+    if not Path(req.checkpoint).exists():
+        from studio.errors import WeightsError
+
+        raise WeightsError(req.checkpoint, "no mask-conditioned checkpoint here; train one with python -m "
+                                           "training.controlnet --config training/recipes/controlnet.yaml "
+                                           "(it needs checkpoints/embedding-ldm as its base) or pass --checkpoint")
     pipe = MaskToImagePipeline.from_pretrained(req.checkpoint)
     classes = pipe.classes
     codes = _check_request(req, classes)

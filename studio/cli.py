@@ -31,7 +31,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-data_app = typer.Typer(help="Make, convert and inspect datasets (real samples, tissue phantom).",
+data_app = typer.Typer(help="Make, convert and inspect datasets (real samples, tissue phantom, stain pairs).",
                        no_args_is_help=True)
 app.add_typer(data_app, name="data")
 experiment_app = typer.Typer(help="Measure what synthetic data buys a nuclei segmenter.", no_args_is_help=True)

@@ -229,3 +229,10 @@ def test_controlnet_training_runs_validates_and_resumes(tmp_path):
     # resume from the last checkpoint continues to a longer schedule
     final = main(["--config", str(recipe), "--resume", "latest", "--max-steps", "3"])
     assert (tmp_path / "run" / "checkpoints" / "checkpoint_3").is_dir()
+
+
+def test_generate_rare_without_a_checkpoint_names_the_recipe(tmp_path):
+    result = CliRunner().invoke(app, ["generate", "rare", "--labels", "hgsc_nest", "--classes", "dead", "--count",
+                                      "1", "--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path / "o")])
+    assert_clear_error(result, "training/recipes/controlnet.yaml")
+    assert not (tmp_path / "o").exists()
