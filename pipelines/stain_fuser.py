@@ -285,6 +285,9 @@ def create_tile_transform(reference: str | Path | None = None, device: str | Non
         raise InputError("--reference", "stainfuser needs a reference in the target stain (image, folder, slide "
                                         "or sample name)")
     folder = Path(checkpoint) if checkpoint else checkpoints_dir() / "stain-fuser"
+    if not folder.exists():
+        raise WeightsError(folder, "no such pipeline folder: train the diffusion normalizer with python -m "
+                                   "training.stain_fuser --config training/recipes/stain_fuser.yaml")
     pipe = StainFuserPipeline.from_pretrained(folder).to(device or "cpu")
     images = load_reference_images(reference)
     stats = torch.stack([reference_statistics(to_tensor(np.ascontiguousarray(im))) for im in images]).mean(0)

@@ -124,7 +124,7 @@ def test_normalize_method_stainfuser_runs_the_slide_job(tmp_path, fuser_folder):
 def test_stainfuser_needs_a_reference_and_a_checkpoint(tmp_path):
     with pytest.raises(InputError, match="needs a reference"):
         create_tile_transform(reference=None)
-    with pytest.raises(HistostudioError, match="no such pipeline folder"):
+    with pytest.raises(HistostudioError, match="no such pipeline folder: train .* training/recipes/stain_fuser.yaml"):
         create_tile_transform(reference="tiatoolbox_target", checkpoint=str(tmp_path / "nothing"))
 
 
