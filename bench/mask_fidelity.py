@@ -68,8 +68,9 @@ def generate(pipe, layouts, steps: int, guidance: float, seed: int, batch: int =
 def detector(kind: str):
     if kind == "segmenter":
         from pipelines.segmenter import NucleiSegmenter
+        from studio.info import checkpoints_dir
 
-        seg = NucleiSegmenter.from_pretrained("checkpoints/nuclei-segmenter")
+        seg = NucleiSegmenter.from_pretrained(checkpoints_dir() / "nuclei-segmenter")
         return lambda image: seg.segment(np.ascontiguousarray(image))[:2]
     from studio.nuclei import threshold_watershed_baseline
 

@@ -18,8 +18,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from pipelines.conditioning import EmbeddingConditioner
-from pipelines.loading import check_pipeline_folder, dtype_kwargs
-from studio.errors import InputError, WeightsError
+from pipelines.loading import LocalPipeline
+from studio.errors import InputError
 
 
 @dataclass
@@ -31,7 +31,7 @@ class EmbeddingToImagePipelineOutput(BaseOutput):
     grid: tuple[int, int]
 
 
-class EmbeddingToImagePipeline(DiffusionPipeline):
+class EmbeddingToImagePipeline(LocalPipeline, DiffusionPipeline):
     r"""Generate H&E images conditioned on SSL embedding tokens.
 
     Components:
@@ -53,27 +53,12 @@ class EmbeddingToImagePipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "conditioner->unet->vae"
+    required_components = ("vae", "unet", "conditioner", "scheduler")
 
     def __init__(self, vae: AutoencoderKL, unet: UNet2DConditionModel, conditioner: EmbeddingConditioner,
                  scheduler: KarrasDiffusionSchedulers | SchedulerMixin):
         super().__init__()
         self.register_modules(vae=vae, unet=unet, conditioner=conditioner, scheduler=scheduler)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """Load from a local folder (validated first; safetensors only; no download)."""
-        check_pipeline_folder(pretrained_model_name_or_path, required=("vae", "unet", "conditioner", "scheduler"))
-        kwargs.setdefault("local_files_only", True)
-        kwargs.setdefault("use_safetensors", True)
-        if "dtype" not in kwargs and "torch_dtype" not in kwargs:
-            kwargs.update(dtype_kwargs(torch.float32))  # shipped weights are fp16 on disk
-        try:
-            pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        except Exception as exc:
-            raise WeightsError(pretrained_model_name_or_path, f"cannot load {cls.__name__} "
-                                                              f"({type(exc).__name__}: {exc})") from exc
-        pipe.check_compatible()
-        return pipe
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -185,7 +170,8 @@ class EmbeddingToImagePipeline(DiffusionPipeline):
         Examples:
             >>> from pipelines.encoders import load_encoder
             >>> from pipelines.embedding_to_image import EmbeddingToImagePipeline
-            >>> pipe = EmbeddingToImagePipeline.from_pretrained("checkpoints/embedding-ldm")
+            >>> from studio.info import checkpoints_dir
+            >>> pipe = EmbeddingToImagePipeline.from_pretrained(checkpoints_dir() / "embedding-ldm")  # a local folder
             >>> encoder = load_encoder("builtin")
             >>> tokens = encoder.embed(tile, grid=pipe.conditioner.grid_for(256, 256))  # tile: (1,3,256,256)
             >>> image = pipe(tokens, num_inference_steps=20, generator=torch.manual_seed(0)).images[0]

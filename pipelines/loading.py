@@ -110,3 +110,34 @@ def latent_ddim(config: Any = None, **overrides: Any):
     if config is not None:
         return DDIMScheduler.from_config(config, **kwargs)
     return DDIMScheduler(**kwargs)
+
+
+class LocalPipeline:
+    """Mixin for the studio's diffusers pipelines: ``from_pretrained`` loads a validated
+    *local* folder only (no hub lookup), safetensors only, float32 unless a dtype is given
+    (shipped weights are fp16 on disk), turns any loading failure into a
+    :class:`~studio.errors.WeightsError` naming the folder, then runs the pipeline's own
+    ``check_compatible()`` when it has one. List it before ``DiffusionPipeline``."""
+
+    required_components: tuple[str, ...] = ()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        from studio.errors import HistostudioError, WeightsError
+
+        check_pipeline_folder(pretrained_model_name_or_path, required=cls.required_components)
+        kwargs.setdefault("local_files_only", True)
+        kwargs.setdefault("use_safetensors", True)
+        if "dtype" not in kwargs and "torch_dtype" not in kwargs:
+            kwargs.update(dtype_kwargs(torch.float32))
+        try:
+            pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except HistostudioError:
+            raise
+        except Exception as exc:
+            raise WeightsError(pretrained_model_name_or_path, f"cannot load {cls.__name__} "
+                                                              f"({type(exc).__name__}: {exc})") from exc
+        check = getattr(pipe, "check_compatible", None)
+        if callable(check):
+            check()
+        return pipe

@@ -30,8 +30,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from pipelines.conditioning import EmbeddingConditioner
-from pipelines.loading import check_pipeline_folder, dtype_kwargs
-from studio.errors import InputError, WeightsError
+from pipelines.loading import LocalPipeline
+from studio.errors import InputError
 
 
 @dataclass
@@ -69,7 +69,7 @@ def control_map(inst: np.ndarray, cls: np.ndarray, num_classes: int) -> np.ndarr
     return out
 
 
-class MaskToImagePipeline(DiffusionPipeline):
+class MaskToImagePipeline(LocalPipeline, DiffusionPipeline):
     r"""Generate H&E patches whose nuclei follow a given instance/class map.
 
     Components:
@@ -83,6 +83,7 @@ class MaskToImagePipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "conditioner->controlnet->unet->vae"
+    required_components = ("vae", "unet", "conditioner", "controlnet", "scheduler")
 
     def __init__(self, vae: AutoencoderKL, unet: UNet2DConditionModel, conditioner: EmbeddingConditioner,
                  controlnet: ControlNetModel, scheduler: KarrasDiffusionSchedulers | SchedulerMixin,
@@ -98,25 +99,6 @@ class MaskToImagePipeline(DiffusionPipeline):
             raise InputError("class_names", f"{len(names)} names for a ControlNet with {n} class channels")
         # One comma-separated string in model_index.json (a list there would read as a component).
         self.register_to_config(class_names=",".join(names))
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """Load from a local folder (validated first; safetensors only; no download)."""
-        check_pipeline_folder(pretrained_model_name_or_path,
-                              required=("vae", "unet", "conditioner", "controlnet", "scheduler"))
-        kwargs.setdefault("local_files_only", True)
-        kwargs.setdefault("use_safetensors", True)
-        if "dtype" not in kwargs and "torch_dtype" not in kwargs:
-            kwargs.update(dtype_kwargs(torch.float32))
-        try:
-            pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        except InputError:
-            raise
-        except Exception as exc:
-            raise WeightsError(pretrained_model_name_or_path, f"cannot load {cls.__name__} "
-                                                              f"({type(exc).__name__}: {exc})") from exc
-        pipe.check_compatible()
-        return pipe
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -207,7 +189,8 @@ class MaskToImagePipeline(DiffusionPipeline):
 
         Examples:
             >>> from pipelines.mask_to_image import MaskToImagePipeline
-            >>> pipe = MaskToImagePipeline.from_pretrained("checkpoints/mask-ldm")
+            >>> from studio.info import checkpoints_dir
+            >>> pipe = MaskToImagePipeline.from_pretrained(checkpoints_dir() / "mask-ldm")  # a local folder
             >>> image = pipe([(inst, cls)], generator=torch.manual_seed(0)).images[0]
         """
         self.check_compatible()

@@ -38,7 +38,7 @@ from diffusers.utils import BaseOutput
 from PIL import Image
 from torch import nn
 
-from pipelines.loading import check_pipeline_folder, dtype_kwargs
+from pipelines.loading import LocalPipeline
 from studio.errors import InputError, WeightsError
 
 N_STATS = 15
@@ -106,7 +106,7 @@ class StainFuserPipelineOutput(BaseOutput):
     passed_through: list[bool]
 
 
-class StainFuserPipeline(DiffusionPipeline):
+class StainFuserPipeline(LocalPipeline, DiffusionPipeline):
     r"""Render source tiles in the stain of a reference.
 
     Components:
@@ -118,6 +118,7 @@ class StainFuserPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "reference_encoder->vae->unet"
+    required_components = ("vae", "unet", "reference_encoder", "scheduler")
 
     def __init__(self, vae: AutoencoderKL, unet: UNet2DModel, reference_encoder: ReferenceEncoder,
                  scheduler: KarrasDiffusionSchedulers | SchedulerMixin, mode: str = "diffusion"):
@@ -126,20 +127,6 @@ class StainFuserPipeline(DiffusionPipeline):
             raise InputError("mode", f"{mode!r}; diffusion or regressor")
         self.register_modules(vae=vae, unet=unet, reference_encoder=reference_encoder, scheduler=scheduler)
         self.register_to_config(mode=mode)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        check_pipeline_folder(pretrained_model_name_or_path, required=("vae", "unet", "reference_encoder",
-                                                                       "scheduler"))
-        kwargs.setdefault("local_files_only", True)
-        kwargs.setdefault("use_safetensors", True)
-        if "dtype" not in kwargs and "torch_dtype" not in kwargs:
-            kwargs.update(dtype_kwargs(torch.float32))
-        try:
-            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        except Exception as exc:
-            raise WeightsError(pretrained_model_name_or_path, f"cannot load {cls.__name__} "
-                                                              f"({type(exc).__name__}: {exc})") from exc
 
     @property
     def latent_factor(self) -> int:

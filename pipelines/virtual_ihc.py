@@ -31,7 +31,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from torch import nn
 
-from pipelines.loading import check_pipeline_folder, dtype_kwargs
+from pipelines.loading import LocalPipeline
 from studio.errors import InputError, WeightsError
 
 MODELS = ("fast", "diffusion")
@@ -104,7 +104,7 @@ class VirtualIHCPipelineOutput(BaseOutput):
     images: list[Image.Image] | np.ndarray | torch.Tensor
 
 
-class VirtualIHCPipeline(DiffusionPipeline):
+class VirtualIHCPipeline(LocalPipeline, DiffusionPipeline):
     r"""H&E -> IHC for one stain, with a fast and/or a diffusion translator.
 
     Components (any may be ``None`` except what the requested ``model`` needs):
@@ -125,21 +125,6 @@ class VirtualIHCPipeline(DiffusionPipeline):
 
         self.register_modules(generator=generator, vae=vae, unet=unet, scheduler=scheduler)
         self.register_to_config(stain=check_stain(stain))
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """Load from a local folder (validated first; safetensors only; no download)."""
-        check_pipeline_folder(pretrained_model_name_or_path)
-        kwargs.setdefault("local_files_only", True)
-        kwargs.setdefault("use_safetensors", True)
-        if "dtype" not in kwargs and "torch_dtype" not in kwargs:
-            kwargs.update(dtype_kwargs(torch.float32))
-        try:
-            pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        except Exception as exc:
-            raise WeightsError(pretrained_model_name_or_path, f"cannot load {cls.__name__} "
-                                                              f"({type(exc).__name__}: {exc})") from exc
-        return pipe
 
     @property
     def models(self) -> list[str]:

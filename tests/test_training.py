@@ -86,3 +86,25 @@ def test_latent_bank_rotates_latents_and_token_grids_together():
         quadrant_means = lat[0, 0].reshape(2, 2, 2, 2).permute(0, 2, 1, 3).reshape(2, 2, 4).mean(-1)
         order = torch.argsort(quadrant_means.flatten())
         assert torch.equal(torch.argsort(grid.flatten()), order)
+
+
+def test_warmup_cosine_schedule_and_ema_swap():
+    import torch
+
+    from training.utils import ema_weights, warmup_cosine
+
+    assert warmup_cosine(0, 10, 100) == pytest.approx(0.1)
+    assert warmup_cosine(9, 10, 100) == pytest.approx(1.0)
+    assert warmup_cosine(10, 10, 100) == pytest.approx(1.0)
+    assert warmup_cosine(100, 10, 100) == pytest.approx(0.1)
+    assert warmup_cosine(500, 10, 100, floor=0.05) == pytest.approx(0.05)
+    from diffusers.training_utils import EMAModel
+
+    model = torch.nn.Linear(2, 2)
+    ema = EMAModel(model.parameters())
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    trained = model.weight.detach().clone()
+    with ema_weights(ema, model):
+        assert not model.training and not torch.equal(model.weight, trained)
+    assert model.training and torch.equal(model.weight, trained)

@@ -27,7 +27,6 @@ conditioning map -- the same measure as ``bench/mask_fidelity.py``.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from training.utils import MetricsLog, common_args, load_checkpoint, load_config, resume_path, save_checkpoint
+from training.utils import (
+    MetricsLog,
+    common_args,
+    ema_weights,
+    load_config,
+    resume_training,
+    save_checkpoint,
+    warmup_cosine_scheduler,
+)
 
 
 @dataclass
@@ -110,13 +117,6 @@ def validate(pipe, layouts, cfg: ControlNetConfig, out_png: Path) -> dict[str, f
             "val_dice_unconditioned": m_free["dice"]}
 
 
-def lr_at(step: int, cfg: ControlNetConfig) -> float:
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
 def main(argv: list[str] | None = None) -> Path:
     parser = common_args(__doc__.split("\n\n")[0], Path(__file__).parent / "recipes" / "controlnet.yaml")
     parser.add_argument("--base", default=None, help="embedding-conditioned base pipeline folder")
@@ -153,16 +153,12 @@ def main(argv: list[str] | None = None) -> Path:
     controlnet = controlnet_from_base(unet, len(classes), base.latent_factor).train()
     noise_scheduler = DDPMScheduler.from_config(base.scheduler.config)
     optimizer = torch.optim.AdamW(controlnet.parameters(), lr=cfg.learning_rate, weight_decay=1e-4)
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg))
+    lr_scheduler = warmup_cosine_scheduler(optimizer, cfg.warmup_steps, cfg.max_steps)
     controlnet, optimizer, lr_scheduler = accelerator.prepare(controlnet, optimizer, lr_scheduler)
     ema = EMAModel(accelerator.unwrap_model(controlnet).parameters(), decay=cfg.ema_decay)
     accelerator.register_for_checkpointing(ema)
 
-    start = 0
-    checkpoint = resume_path(out, args.resume)
-    if checkpoint is not None:
-        start = load_checkpoint(accelerator, checkpoint)
-        accelerator.print(f"resumed from {checkpoint} at step {start}")
+    start, _ = resume_training(accelerator, out, args.resume)
 
     seg_cfg = SegmenterConfig(sources=cfg.sources, stride=cfg.stride)
     data, p = build_training_data(seg_cfg)
@@ -210,15 +206,11 @@ def main(argv: list[str] | None = None) -> Path:
             log.write(step=done, loss=loss.item(), lr=lr_scheduler.get_last_lr()[0])
         if done % cfg.validate_every == 0 or done == cfg.max_steps:
             model = accelerator.unwrap_model(controlnet)
-            ema.store(model.parameters())
-            ema.copy_to(model.parameters())
-            model.eval()
-            scheduler = latent_ddim(base.scheduler.config)
-            pipe = MaskToImagePipeline(vae=vae, unet=unet, conditioner=conditioner, controlnet=model,
-                                       scheduler=scheduler, class_names=list(classes.values()))
-            metrics = validate(pipe, val_layouts, cfg, out / "validation" / f"step_{done:06d}.png")
-            model.train()
-            ema.restore(model.parameters())
+            with ema_weights(ema, model):
+                scheduler = latent_ddim(base.scheduler.config)
+                pipe = MaskToImagePipeline(vae=vae, unet=unet, conditioner=conditioner, controlnet=model,
+                                           scheduler=scheduler, class_names=list(classes.values()))
+                metrics = validate(pipe, val_layouts, cfg, out / "validation" / f"step_{done:06d}.png")
             log.write(step=done, **metrics)
             accelerator.print(f"step {done}: loss {loss.item():.4f} {metrics}")
         if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:

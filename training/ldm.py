@@ -22,7 +22,6 @@ reports how close the generated images' embeddings come to their conditioning.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,7 +29,15 @@ import torch
 import torch.nn.functional as F
 
 from training.data import CropSampler
-from training.utils import MetricsLog, common_args, load_checkpoint, load_config, resume_path, save_checkpoint
+from training.utils import (
+    MetricsLog,
+    common_args,
+    ema_weights,
+    load_config,
+    resume_training,
+    save_checkpoint,
+    warmup_cosine_scheduler,
+)
 
 
 @dataclass
@@ -140,13 +147,6 @@ class LatentBank:
         return lat.contiguous(), tok.reshape(batch_size, -1, tok.shape[-1])
 
 
-def lr_at(step: int, cfg: LDMConfig) -> float:
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
 def make_pipeline(vae, unet, conditioner, cfg: LDMConfig):
     from pipelines.embedding_to_image import EmbeddingToImagePipeline
     from pipelines.loading import latent_ddim
@@ -204,16 +204,12 @@ def main(argv: list[str] | None = None) -> Path:
     denoiser = Denoiser(unet, conditioner)
     noise_scheduler = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule)
     optimizer = torch.optim.AdamW(denoiser.parameters(), lr=cfg.learning_rate, weight_decay=1e-4)
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg))
+    lr_scheduler = warmup_cosine_scheduler(optimizer, cfg.warmup_steps, cfg.max_steps)
     denoiser, optimizer, lr_scheduler = accelerator.prepare(denoiser, optimizer, lr_scheduler)
     ema = EMAModel(accelerator.unwrap_model(denoiser).parameters(), decay=cfg.ema_decay)
     accelerator.register_for_checkpointing(ema)
 
-    start = 0
-    checkpoint = resume_path(out, args.resume)
-    if checkpoint is not None:
-        start = load_checkpoint(accelerator, checkpoint)
-        accelerator.print(f"resumed from {checkpoint} at step {start}")
+    start, _ = resume_training(accelerator, out, args.resume)
 
     grid = conditioner.grid_for(cfg.crop_size, cfg.crop_size)
     sampler = CropSampler(list(regions("train").values()), cfg.crop_size, min_tissue=0.5, seed=cfg.seed)
@@ -250,13 +246,9 @@ def main(argv: list[str] | None = None) -> Path:
             log.write(step=done, loss=loss.item(), lr=lr_scheduler.get_last_lr()[0])
         if done % cfg.validate_every == 0 or done == cfg.max_steps:
             model = accelerator.unwrap_model(denoiser)
-            ema.store(model.parameters())
-            ema.copy_to(model.parameters())
-            model.eval()
-            pipe = make_pipeline(vae, model.unet, model.conditioner, cfg)
-            metrics = validate(pipe, encoder, val_tiles, grid, cfg, out / "validation" / f"step_{done:06d}.png")
-            model.train()
-            ema.restore(model.parameters())
+            with ema_weights(ema, model):
+                pipe = make_pipeline(vae, model.unet, model.conditioner, cfg)
+                metrics = validate(pipe, encoder, val_tiles, grid, cfg, out / "validation" / f"step_{done:06d}.png")
             log.write(step=done, **metrics)
             accelerator.print(f"step {done}: loss {loss.item():.4f} {metrics}")
         if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -54,7 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from studio.errors import InputError
-from training.utils import MetricsLog, load_config, resume_path, save_checkpoint
+from training.utils import MetricsLog, ema_weights, load_config, resume_path, save_checkpoint, warmup_cosine_scheduler
 
 HGSC_TRAIN_REGION = (0, 1500, 0, 1125 - 256 + 1)  # crop origins whose 256 px crops stay in the train split
 HGSC_HELDOUT_REGION = (0, 1500, 1125, 1500)
@@ -293,13 +292,6 @@ def validate(model, val_data, n_tiles: int, out_png: Path | None = None) -> dict
 
 
 # --------------------------------------------------------------------------- loop
-def lr_at(step: int, cfg: SegmenterConfig) -> float:
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
 def build_model(cfg: SegmenterConfig, num_classes: int, class_names: Sequence[str]):
     from pipelines.segmenter import HoVerNetLite
 
@@ -331,7 +323,7 @@ def train(cfg: SegmenterConfig, resume: str | None = None) -> Path:
     names = [data.classes[c] for c in sorted(data.classes)]
     model = build_model(cfg, data.num_classes, names)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg))
+    scheduler = warmup_cosine_scheduler(optimizer, cfg.warmup_steps, cfg.max_steps, floor=0.05)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     ema = None
     if cfg.use_ema:
@@ -371,13 +363,8 @@ def train(cfg: SegmenterConfig, resume: str | None = None) -> Path:
                       sources=dict(Counter(batch["sources"])))
         if done % cfg.validate_every == 0 or done == cfg.max_steps:
             unwrapped = accelerator.unwrap_model(model)
-            if ema is not None:
-                ema.store(unwrapped.parameters())
-                ema.copy_to(unwrapped.parameters())
-            metrics = validate(unwrapped, val_data, cfg.val_tiles, out / "validation" / f"step_{done:06d}.png")
-            unwrapped.train()
-            if ema is not None:
-                ema.restore(unwrapped.parameters())
+            with ema_weights(ema, unwrapped):
+                metrics = validate(unwrapped, val_data, cfg.val_tiles, out / "validation" / f"step_{done:06d}.png")
             log.write(step=done, **metrics)
             accelerator.print(f"step {done}: loss {loss.item():.4f} {metrics}")
         if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.data import CropSampler
-from training.utils import MetricsLog, common_args, load_checkpoint, load_config, resume_path, save_checkpoint
+from training.utils import MetricsLog, common_args, load_config, resume_training, save_checkpoint
 
 
 @dataclass
@@ -145,11 +145,7 @@ def main(argv: list[str] | None = None) -> Path:
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.learning_rate, total_steps=cfg.max_steps,
                                                     pct_start=0.05)
     model, head, optimizer, scheduler = accelerator.prepare(model, head, optimizer, scheduler)
-    start = 0
-    checkpoint = resume_path(out, args.resume)
-    if checkpoint is not None:
-        start = load_checkpoint(accelerator, checkpoint)
-        accelerator.print(f"resumed from {checkpoint} at step {start}")
+    start, _ = resume_training(accelerator, out, args.resume)
     sampler = CropSampler(list(regions("train").values()), cfg.context, min_tissue=0.5, seed=cfg.seed)
     val_windows, val_labels = held_out_windows(cfg.context)
     log = MetricsLog(out)

@@ -19,7 +19,6 @@ CIEDE2000 and SSIM to the truth.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,7 +26,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from training.utils import MetricsLog, common_args, load_checkpoint, load_config, resume_path, save_checkpoint
+from training.utils import (
+    MetricsLog,
+    common_args,
+    ema_weights,
+    load_config,
+    resume_training,
+    save_checkpoint,
+    warmup_cosine_scheduler,
+)
 
 
 @dataclass
@@ -100,13 +107,6 @@ def evaluate(pipe, pairs, cfg: StainFuserConfig, out_png: Path | None = None) ->
     return metrics
 
 
-def lr_at(step: int, cfg: StainFuserConfig) -> float:
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
 class StyledUNet(torch.nn.Module):
     """UNet + reference encoder as one trainable module."""
 
@@ -154,15 +154,11 @@ def main(argv: list[str] | None = None) -> Path:
     model = StyledUNet(unet, encoder)
     noise_scheduler = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg))
+    sched = warmup_cosine_scheduler(opt, cfg.warmup_steps, cfg.max_steps)
     model, opt, sched = accelerator.prepare(model, opt, sched)
     ema = EMAModel(accelerator.unwrap_model(model).parameters(), decay=cfg.ema_decay)
     accelerator.register_for_checkpointing(ema)
-    start = 0
-    checkpoint = resume_path(out, args.resume)
-    if checkpoint is not None:
-        start = load_checkpoint(accelerator, checkpoint)
-        accelerator.print(f"resumed from {checkpoint} at step {start}")
+    start, _ = resume_training(accelerator, out, args.resume)
     train = regions("train")
     images, names = list(train.values()), list(train)
     val = held_out_pairs(cfg)
@@ -200,12 +196,8 @@ def main(argv: list[str] | None = None) -> Path:
             log.write(step=done, loss=loss.item(), lr=sched.get_last_lr()[0])
         if done % cfg.validate_every == 0 or done == cfg.max_steps:
             m = accelerator.unwrap_model(model)
-            ema.store(m.parameters())
-            ema.copy_to(m.parameters())
-            m.eval()
-            metrics = evaluate(pipeline(m), val, cfg, out / "validation" / f"step_{done:06d}.png")
-            m.train()
-            ema.restore(m.parameters())
+            with ema_weights(ema, m):
+                metrics = evaluate(pipeline(m), val, cfg, out / "validation" / f"step_{done:06d}.png")
             log.write(step=done, **{f"val_{k}": v for k, v in metrics.items()})
             accelerator.print(f"step {done}: loss {loss.item():.4f} {metrics}")
         if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:

@@ -4,12 +4,14 @@ the checkpoint to resume, and an append-only metrics log."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import math
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -112,3 +114,45 @@ def load_checkpoint(accelerator: Any, path: Path) -> int:
     """Restore accelerator state from ``path``; return the step it was saved at."""
     accelerator.load_state(str(path))
     return int(json.loads((path / "step.json").read_text())["step"])
+
+
+def warmup_cosine(step: int, warmup: int, total: int, floor: float = 0.1) -> float:
+    """Learning-rate factor: linear warm-up over ``warmup`` steps, then cosine decay to
+    ``floor`` at ``total`` (the schedule every recipe uses; a ``LambdaLR`` multiplier)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def warmup_cosine_scheduler(optimizer: Any, warmup: int, total: int, floor: float = 0.1) -> Any:
+    """``LambdaLR`` with :func:`warmup_cosine` (stepped once per optimizer step)."""
+    import torch
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, warmup, total, floor))
+
+
+def resume_training(accelerator: Any, output_dir: str | Path, resume: str | None) -> tuple[int, Path | None]:
+    """``--resume``: restore the accelerator state; ``(step to start at, checkpoint or None)``."""
+    checkpoint = resume_path(output_dir, resume)
+    if checkpoint is None:
+        return 0, None
+    start = load_checkpoint(accelerator, checkpoint)
+    accelerator.print(f"resumed from {checkpoint} at step {start}")
+    return start, checkpoint
+
+
+@contextlib.contextmanager
+def ema_weights(ema: Any, model: Any) -> Iterator[Any]:
+    """Validate with the EMA weights: swap them in (eval mode), swap the training weights
+    back afterwards (train mode). ``ema=None`` only switches the mode."""
+    if ema is not None:
+        ema.store(model.parameters())
+        ema.copy_to(model.parameters())
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train()
+        if ema is not None:
+            ema.restore(model.parameters())

@@ -21,7 +21,6 @@ to 1 / std of the training latents.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,7 +29,15 @@ import torch.nn.functional as F
 from torchmetrics.functional import structural_similarity_index_measure
 
 from training.data import CropSampler
-from training.utils import MetricsLog, common_args, load_checkpoint, load_config, resume_path, save_checkpoint
+from training.utils import (
+    MetricsLog,
+    common_args,
+    ema_weights,
+    load_config,
+    resume_training,
+    save_checkpoint,
+    warmup_cosine_scheduler,
+)
 
 
 @dataclass
@@ -101,13 +108,6 @@ def validate(model, tiles: torch.Tensor, out_png: Path) -> dict[str, float]:
     return metrics
 
 
-def lr_at(step: int, cfg: VAEConfig) -> float:
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
 def main(argv: list[str] | None = None) -> Path:
     args = common_args(__doc__.split("\n\n")[0], Path(__file__).parent / "recipes" / "vae.yaml").parse_args(argv)
     cfg = load_config(VAEConfig, args.config, {"max_steps": args.max_steps, "output_dir": args.output_dir,
@@ -130,17 +130,14 @@ def main(argv: list[str] | None = None) -> Path:
     set_seed(cfg.seed)
     model = build_model(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=1e-4)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg))
+    scheduler = warmup_cosine_scheduler(optimizer, cfg.warmup_steps, cfg.max_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     ema = EMAModel(accelerator.unwrap_model(model).parameters(), decay=cfg.ema_decay, model_cls=AutoencoderKL,
                    model_config=accelerator.unwrap_model(model).config)
 
-    start = 0
-    checkpoint = resume_path(out, args.resume)
+    start, checkpoint = resume_training(accelerator, out, args.resume)
     if checkpoint is not None:
-        start = load_checkpoint(accelerator, checkpoint)
         ema.load_state_dict(EMAModel.from_pretrained(str(checkpoint / "ema"), model_cls=AutoencoderKL).state_dict())
-        accelerator.print(f"resumed from {checkpoint} at step {start}")
 
     sampler = CropSampler(list(regions("train").values()), cfg.crop_size,
                           stain=StainAugment() if cfg.stain_jitter else None, seed=cfg.seed)
@@ -161,12 +158,9 @@ def main(argv: list[str] | None = None) -> Path:
             log.write(step=done, loss=loss.item(), lr=scheduler.get_last_lr()[0], **parts)
         if done % cfg.validate_every == 0 or done == cfg.max_steps:
             unwrapped = accelerator.unwrap_model(model)
-            ema.store(unwrapped.parameters())
-            ema.copy_to(unwrapped.parameters())
-            unwrapped.eval()
-            metrics = validate(unwrapped, val_tiles.to(accelerator.device), out / "validation" / f"step_{done:06d}.png")
-            unwrapped.train()
-            ema.restore(unwrapped.parameters())
+            with ema_weights(ema, unwrapped):
+                metrics = validate(unwrapped, val_tiles.to(accelerator.device),
+                                   out / "validation" / f"step_{done:06d}.png")
             log.write(step=done, **metrics)
             accelerator.print(f"step {done}: loss {loss.item():.4f} {metrics}")
         if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:

@@ -36,14 +36,21 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.utils import MetricsLog, common_args, load_checkpoint, load_config, resume_path, save_checkpoint
+from training.utils import (
+    MetricsLog,
+    common_args,
+    ema_weights,
+    load_config,
+    resume_training,
+    save_checkpoint,
+    warmup_cosine_scheduler,
+)
 
 
 @dataclass
@@ -207,7 +214,7 @@ def blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- validation
 @torch.no_grad()
-def evaluate(pipe, pairs, model: str, out_png: Path | None = None, seed: int = 0) -> dict[str, float]:
+def evaluate(pipe, pairs, model: str, out_png: Path | None = None, seed: int = 0, steps: int = 6) -> dict[str, float]:
     """PSNR / SSIM vs the truth and DAB-area correlation over held-out pairs."""
     from studio.dab import dab_positive_fraction
     from studio.io import to_tensor, to_uint8
@@ -217,8 +224,8 @@ def evaluate(pipe, pairs, model: str, out_png: Path | None = None, seed: int = 0
     truth = to_tensor(np.stack([p.ihc for p in pairs]))
     preds = []
     for i in range(0, len(he), 8):
-        preds.append(pipe(he[i:i + 8], model=model, generator=torch.Generator().manual_seed(seed + i),
-                          output_type="pt").images)
+        preds.append(pipe(he[i:i + 8], model=model, num_inference_steps=steps,
+                          generator=torch.Generator().manual_seed(seed + i), output_type="pt").images)
     pred = torch.cat(preds)
     pred_u8, truth_u8 = to_uint8(pred), to_uint8(truth)
     area_pred = np.array([dab_positive_fraction(p) for p in pred_u8])
@@ -235,13 +242,6 @@ def evaluate(pipe, pairs, model: str, out_png: Path | None = None, seed: int = 0
                                 (f"{model} (r = {corr:.2f})", [(f"DAB {area_pred[i]:.1%}", pred_u8[i]) for i in show])],
                                cell=128), out_png)
     return metrics
-
-
-def lr_at(step: int, cfg: VirtualIHCConfig) -> float:
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 # --------------------------------------------------------------------------- loops
@@ -293,17 +293,13 @@ def _train_fast(cfg, args, accelerator, he, ihc, val, log, out, EMAModel) -> Pat
     g_params = list(gen_model.parameters()) + list(proj.parameters())
     opt_g = torch.optim.Adam(g_params, lr=cfg.learning_rate, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.learning_rate, betas=(0.5, 0.999))
-    sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, lambda s: lr_at(s, cfg))
-    sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, lambda s: lr_at(s, cfg))
+    sched_g = warmup_cosine_scheduler(opt_g, cfg.warmup_steps, cfg.max_steps)
+    sched_d = warmup_cosine_scheduler(opt_d, cfg.warmup_steps, cfg.max_steps)
     gen_model, disc, proj, opt_g, opt_d, sched_g, sched_d = accelerator.prepare(gen_model, disc, proj, opt_g, opt_d,
                                                                               sched_g, sched_d)
     ema = EMAModel(accelerator.unwrap_model(gen_model).parameters(), decay=0.995)
     accelerator.register_for_checkpointing(ema)
-    start = 0
-    checkpoint = resume_path(out, args.resume)
-    if checkpoint is not None:
-        start = load_checkpoint(accelerator, checkpoint)
-        accelerator.print(f"resumed from {checkpoint} at step {start}")
+    start, _ = resume_training(accelerator, out, args.resume)
     for step in range(start, cfg.max_steps):
         a, b = (t.to(accelerator.device) for t in crop_batch(he, ihc, step, cfg))
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
@@ -339,13 +335,9 @@ def _train_fast(cfg, args, accelerator, he, ihc, val, log, out, EMAModel) -> Pat
                       lr=sched_g.get_last_lr()[0])
         if done % cfg.validate_every == 0 or done == cfg.max_steps:
             model = accelerator.unwrap_model(gen_model)
-            ema.store(model.parameters())
-            ema.copy_to(model.parameters())
-            model.eval()
-            metrics = evaluate(make_pipeline(cfg, generator=model), val, "fast",
-                               out / "validation" / f"step_{done:06d}.png")
-            model.train()
-            ema.restore(model.parameters())
+            with ema_weights(ema, model):
+                metrics = evaluate(make_pipeline(cfg, generator=model), val, "fast",
+                                   out / "validation" / f"step_{done:06d}.png")
             log.write(step=done, **{f"val_{k}": v for k, v in metrics.items()})
             accelerator.print(f"step {done}: {metrics}")
         if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
@@ -373,15 +365,11 @@ def _train_diffusion(cfg, args, accelerator, he, ihc, val, log, out, EMAModel) -
                        up_block_types=("AttnUpBlock2D",) + ("UpBlock2D",) * (n - 1), norm_num_groups=32)
     noise_scheduler = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.learning_rate, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg))
+    sched = warmup_cosine_scheduler(opt, cfg.warmup_steps, cfg.max_steps)
     unet, opt, sched = accelerator.prepare(unet, opt, sched)
     ema = EMAModel(accelerator.unwrap_model(unet).parameters(), decay=cfg.ema_decay)
     accelerator.register_for_checkpointing(ema)
-    start = 0
-    checkpoint = resume_path(out, args.resume)
-    if checkpoint is not None:
-        start = load_checkpoint(accelerator, checkpoint)
-        accelerator.print(f"resumed from {checkpoint} at step {start}")
+    start, _ = resume_training(accelerator, out, args.resume)
     scale = vae.config.scaling_factor
     for step in range(start, cfg.max_steps):
         a, b = (t.to(accelerator.device) for t in crop_batch(he, ihc, step, cfg))
@@ -405,15 +393,10 @@ def _train_diffusion(cfg, args, accelerator, he, ihc, val, log, out, EMAModel) -
             log.write(step=done, loss=loss.item(), lr=sched.get_last_lr()[0])
         if done % cfg.validate_every == 0 or done == cfg.max_steps:
             model = accelerator.unwrap_model(unet)
-            ema.store(model.parameters())
-            ema.copy_to(model.parameters())
-            model.eval()
-            pipe = make_pipeline(cfg, vae=vae, unet=model)
-            pipe.scheduler.set_timesteps(cfg.inference_steps)
-            metrics = evaluate(_with_steps(pipe, cfg.inference_steps), val, "diffusion",
-                               out / "validation" / f"step_{done:06d}.png")
-            model.train()
-            ema.restore(model.parameters())
+            with ema_weights(ema, model):
+                pipe = make_pipeline(cfg, vae=vae, unet=model)
+                metrics = evaluate(pipe, val, "diffusion", out / "validation" / f"step_{done:06d}.png",
+                                   steps=cfg.inference_steps)
             log.write(step=done, **{f"val_{k}": v for k, v in metrics.items()})
             accelerator.print(f"step {done}: loss {loss.item():.4f} {metrics}")
         if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
@@ -424,16 +407,6 @@ def _train_diffusion(cfg, args, accelerator, he, ihc, val, log, out, EMAModel) -
     final = out / "final"
     make_pipeline(cfg, vae=vae, unet=model).save_pretrained(final)
     return final
-
-
-def _with_steps(pipe, steps: int):
-    """The pipeline with ``num_inference_steps`` fixed (evaluate() calls it without)."""
-
-    def call(images, **kw: Any):
-        return pipe(images, num_inference_steps=steps, **kw)
-
-    call.__self__ = pipe  # type: ignore[attr-defined]
-    return call
 
 
 if __name__ == "__main__":
