@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scarce-keep", type=float, default=DEFAULT_SCARCE_KEEP)
     p.add_argument("--synthetic-ratio", type=float, default=0.3)
     p.add_argument("--synthetic-n", type=int, default=48, help="synthetic phantom tiles")
+    p.add_argument("--synthetic", default="phantom",
+                   help="'phantom' (procedural stand-in) or a dataset folder written by `histostudio generate rare` "
+                        "(used by the real part; the phantom part always uses phantom tiles)")
     p.add_argument("--phantom-n", type=int, default=48, help="phantom tiles of part 2 (split 75/25)")
     p.add_argument("--stain-augment", action="store_true", help="add the stain-augmentation variant")
     p.add_argument("--tta-normalize", default=None, help="add baseline + test-time normalization (macenko, ...)")
@@ -153,18 +156,25 @@ def main(argv: list[str] | None = None) -> int:
         print_census(f"[{part}] {title}", census, chosen)
         out = args.out / part
         print(f"[{part}] {args.seeds} seed(s) x {args.steps} steps -> {out}", flush=True)
-        notes = [STAND_IN_NOTE] if part == "real" else [
+        generated = part == "real" and args.synthetic != "phantom"
+        if generated and not Path(args.synthetic).is_dir():
+            p.error(f"--synthetic {args.synthetic}: no such dataset folder (write one with histostudio generate rare)")
+        synthetic = args.synthetic if generated else {"name": "phantom", "n": syn_n, "seed": 50_000}
+        generated_note = (f"Synthetic tiles: {args.synthetic}, written by the rare-class generator "
+                          "(mask-conditioned diffusion on label maps of the *training* band only); labels are the "
+                          "conditioning maps.")
+        notes = ([generated_note] if generated else [STAND_IN_NOTE]) if part == "real" else [
             "Phantom part: real = phantom tiles (exact labels), held-out = a seeded 25 % of them; synthetic = other "
             "phantom tiles rich in the scarce class (same domain: the best case for added data)."]
         result = run_augment_experiment(
-            real, {"name": "phantom", "n": syn_n, "seed": 50_000}, out, seeds=args.seeds,
+            real, synthetic, out, seeds=args.seeds,
             stain_augment=args.stain_augment, tta_normalize=args.tta_normalize, steps=args.steps,
             synthetic_ratio=args.synthetic_ratio, scarce_class=chosen, scarce_keep=args.scarce_keep,
             threads=args.threads, progress=progress, train_options=train_options, title=title, notes=notes,
             overwrite=args.overwrite)
         print(f"\n## {title}\n")
         if part == "real":
-            print(f"NOTE: {STAND_IN_NOTE}\n")
+            print(f"NOTE: {notes[0]}\n")
         print(table(result))
         print(f"\nwrote {out / 'results.json'}, results.md, results.png")
         summary[part] = {"results": str(out / "results.json"), "seconds": result["timings"]["total_seconds"]}

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from pipelines.generation import GenerationSettings, embedding_encoder_for, fit_to, load_generation_pipeline
 from studio.data.splits import region, tissue_tiles
 from studio.io import to_tensor, to_uint8
-from studio.metrics import frechet_distance
+from studio.metrics import frechet_distance, seam_ratio
 from studio.report import contact_sheet, save_png
 
 
@@ -73,19 +73,6 @@ def blur(tiles: torch.Tensor, sigma: float = 2.0) -> torch.Tensor:
     padded = F.pad(tiles, (radius, radius, radius, radius), mode="reflect")
     out = F.conv2d(padded, k.view(1, 1, 1, -1).expand(3, 1, 1, -1), groups=3)
     return F.conv2d(out, k.view(1, 1, -1, 1).expand(3, 1, -1, 1), groups=3)
-
-
-def seam_ratio(image: np.ndarray, period: int) -> float:
-    """Mean absolute gradient across borders every ``period`` px / elsewhere, both axes."""
-    img = image.astype(np.float32).mean(axis=2)
-    dx = np.abs(np.diff(img, axis=1)).mean(axis=0)  # between columns x and x+1
-    dy = np.abs(np.diff(img, axis=0)).mean(axis=1)
-    ratios = []
-    for d in (dx, dy):
-        border = np.zeros(d.size, dtype=bool)
-        border[period - 1::period] = True
-        ratios.append(d[border].mean() / d[~border].mean())
-    return float(np.mean(ratios))
 
 
 def main() -> None:

@@ -5,6 +5,8 @@
     python scripts/export_checkpoints.py embedding-ldm  # runs/ldm/final (+ sampler) -> checkpoints/embedding-ldm
     python scripts/export_checkpoints.py segmenter      # runs/segmenter/final      -> checkpoints/nuclei-segmenter
     python scripts/export_checkpoints.py virtual-ihc-her2  # runs/virtual_ihc_her2[_diffusion]/final -> ...-her2
+    python scripts/export_checkpoints.py stain-fuser    # runs/stain_fuser/final    -> checkpoints/stain-fuser
+    python scripts/export_checkpoints.py stain-fuser-regressor  # runs/stain_fuser_regressor/final -> ...-regressor
 
 Each exported folder gets ``training.json``: the recipe, the exact command, the seed, the
 step count and the run's last validation metrics, so every shipped weight can be
@@ -108,17 +110,37 @@ def export_virtual_ihc(runs: Path, stain: str) -> Path:
     dst = CKPT / f"virtual-ihc-{stain}"
     replace_folder(dst)
     save_fp16(pipe, dst)
-    if (dst / "vae").is_dir():
+    link_shipped_vae(dst)
+    (dst / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+    return dst
+
+
+def link_shipped_vae(dst: Path) -> None:
+    """Replace an exported ``vae`` folder by a symlink to ../tile-vae (one copy of the weights in git)."""
+    if (dst / "vae").is_dir() and not (dst / "vae").is_symlink():
         shutil.rmtree(dst / "vae")
         os.symlink(os.path.relpath(CKPT / "tile-vae", dst), dst / "vae")
-    (dst / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def export_stain_fuser(run: Path, name: str) -> Path:
+    """runs/stain_fuser[_regressor]/final -> checkpoints/<name> (its vae a symlink to ../tile-vae)."""
+    from pipelines.loading import save_fp16
+    from pipelines.stain_fuser import StainFuserPipeline
+
+    pipe = StainFuserPipeline.from_pretrained(run / "final")
+    dst = CKPT / name
+    replace_folder(dst)
+    save_fp16(pipe, dst)
+    link_shipped_vae(dst)
+    (dst / "training.json").write_text(json.dumps(provenance(run, "stain_fuser", f"{run.name}.yaml"), indent=2)
+                                       + "\n")
     return dst
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["vae", "ssl-encoder", "embedding-ldm", "segmenter", "virtual-ihc-her2",
-                                         "virtual-ihc-ki67"])
+                                         "virtual-ihc-ki67", "stain-fuser", "stain-fuser-regressor"])
     parser.add_argument("--runs", type=Path, default=ROOT / "runs")
     parser.add_argument("--command", action="append", default=None, dest="commands",
                         help="the exact training commands, in order, when the run was not one plain recipe run "
@@ -142,6 +164,8 @@ def main() -> None:
 
         out = export_model(HoVerNetLite, args.runs / "segmenter" / "final", CKPT / "nuclei-segmenter",
                            provenance(args.runs / "segmenter", "segmenter", "segmenter.yaml"))
+    elif args.what.startswith("stain-fuser"):
+        out = export_stain_fuser(args.runs / args.what.replace("-", "_"), args.what)
     elif args.what.startswith("virtual-ihc-"):
         out = export_virtual_ihc(args.runs, args.what.removeprefix("virtual-ihc-"))
     else:

@@ -236,6 +236,44 @@ def ciede2000(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | Non
     return total / count  # 0 / 0 = NaN for an empty mask, by design
 
 
+# =========================================================================== seams
+def seam_ratio(image: Any, period: int, mask: Any | None = None) -> float:
+    """Gradient energy across tile borders / inside tiles (1.0 = invisible seams).
+
+    Why this and not a visual check: a tiled transform that disagrees with itself at tile
+    borders (colour offsets, noise that does not continue) raises the mean absolute
+    luminance step between the last column of one tile and the first of the next above the
+    step between neighbouring columns elsewhere. Borders lie every ``period`` px from the
+    origin, on both axes; the column pairs next to a border are left out of "inside" so a
+    cross-fade band does not count against itself. ``mask`` (H, W) restricts both means to
+    pixel pairs inside it (tissue), so blank glass does not dilute the ratio.
+    """
+    img = _to_numpy(image)
+    if img.ndim != 3 or img.shape[2] not in (1, 3, 4):
+        raise InputError("image", f"shape {img.shape}; expected (H, W, C)")
+    if period < 2 or period >= max(img.shape[:2]):
+        raise InputError("period", f"{period}; expected 2 <= period < image size {img.shape[:2]}")
+    lum = img[..., :3].astype(np.float32).mean(axis=2)
+    keep = None if mask is None else np.asarray(mask, dtype=bool)
+    if keep is not None and keep.shape != lum.shape:
+        raise InputError("mask", f"shape {keep.shape} does not fit image {lum.shape}")
+    ratios = []
+    for axis in (1, 0):
+        grad = np.abs(np.diff(lum, axis=axis))
+        valid = np.ones_like(grad, dtype=bool) if keep is None else (
+            keep[:, 1:] & keep[:, :-1] if axis == 1 else keep[1:] & keep[:-1])
+        idx = np.arange(grad.shape[axis])
+        border = (idx + 1) % period == 0  # the step between pixel k*period-1 and k*period
+        near = border | np.roll(border, 1) | np.roll(border, -1)
+        sel_b = np.expand_dims(border, 1 - axis) & valid
+        sel_i = np.expand_dims(~near, 1 - axis) & valid
+        if sel_b.any() and sel_i.any():
+            ratios.append(grad[sel_b].mean() / max(grad[sel_i].mean(), 1e-6))
+    if not ratios:
+        raise InputError("image", "no tile border falls inside the (masked) image")
+    return float(np.mean(ratios))
+
+
 # =========================================================================== feature distances
 def _as_tile_batches(tiles: Any, batch_size: int) -> Iterator[torch.Tensor]:
     """Yield float ``(b, 3, H, W)`` chunks of at most ``batch_size`` from a tensor, array or iterable."""

@@ -9,6 +9,7 @@ from studio.blending import blended_tiles, ramp
 from studio.data.samples import load_sample
 from studio.errors import InputError
 from studio.io import write_image
+from studio.metrics import seam_ratio
 from studio.slides import open_slide, read_tile, tile_grid
 
 
@@ -53,12 +54,6 @@ def test_blending_removes_seams_of_a_context_dependent_transform(slide_path):
 
     def contextual(windows, boxes):
         return [np.clip(w.astype(np.float32) * (150.0 / w.mean()), 0, 255).astype(np.uint8) for w in windows]
-
-    def seam_ratio(out: np.ndarray, t: int) -> float:
-        g = np.abs(np.diff(out.astype(np.float32).mean(-1), axis=1))
-        border = [x - 1 for x in range(t, out.shape[1], t)]
-        inside = [x for x in range(g.shape[1]) if x not in border and x + 1 not in border and x - 1 not in border]
-        return float(g[:, border].mean() / g[:, inside].mean())
 
     with open_slide(path) as slide:
         grid = tile_grid(slide, tile_size=128)

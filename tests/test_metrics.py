@@ -607,3 +607,19 @@ def test_mask_fidelity_per_class_recall_and_f1():
     assert np.isnan(m["per_class"][1]["recall"])
     assert 0 < m["dice"] < 1
     assert mask_fidelity(true, cls, true)["f1"] == 1.0
+
+
+def test_seam_ratio_sees_a_tile_offset_and_ignores_masked_glass():
+    from studio.metrics import seam_ratio
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 200, (512, 512, 3)).astype(np.float32)
+    assert seam_ratio(image, 128) == pytest.approx(1.0, abs=0.02)  # no seams in noise
+    shifted = image.copy()
+    shifted[:, 128:256] += 40  # one tile column brighter: two visible vertical seams
+    assert seam_ratio(shifted, 128) > 1.08
+    glass = np.zeros((512, 512), bool)  # nothing is tissue: no border pair to measure
+    with pytest.raises(InputError, match="no tile border"):
+        seam_ratio(shifted, 128, mask=glass)
+    with pytest.raises(InputError, match="period"):
+        seam_ratio(image, 1)
