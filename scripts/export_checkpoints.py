@@ -7,6 +7,7 @@
     python scripts/export_checkpoints.py virtual-ihc-her2  # runs/virtual_ihc_her2[_diffusion]/final -> ...-her2
     python scripts/export_checkpoints.py stain-fuser    # runs/stain_fuser/final    -> checkpoints/stain-fuser
     python scripts/export_checkpoints.py stain-fuser-regressor  # runs/stain_fuser_regressor/final -> ...-regressor
+    python scripts/export_checkpoints.py mask-ldm       # runs/controlnet/final     -> checkpoints/mask-ldm
 
 Each exported folder gets ``training.json``: the recipe, the exact command, the seed, the
 step count and the run's last validation metrics, so every shipped weight can be
@@ -137,10 +138,43 @@ def export_stain_fuser(run: Path, name: str) -> Path:
     return dst
 
 
+def link_identical(dst: Path, part: str, shipped: Path) -> bool:
+    """Replace ``dst/part`` by a symlink to ``shipped`` when every file in it is byte-identical
+    (a frozen base exported twice is one copy in git); leave it alone otherwise."""
+    ours, theirs = dst / part, shipped
+    if not (ours.is_dir() and theirs.is_dir()):
+        return False
+    names = sorted(f.name for f in ours.iterdir())
+    if names != sorted(f.name for f in theirs.iterdir()) or any(
+            (ours / n).read_bytes() != (theirs / n).read_bytes() for n in names):
+        return False
+    shutil.rmtree(ours)
+    os.symlink(os.path.relpath(theirs, dst), ours)
+    return True
+
+
+def export_mask_ldm(run: Path) -> Path:
+    """runs/controlnet/final -> checkpoints/mask-ldm. The base UNet and conditioner were frozen
+    during training, so they are symlinks to ../embedding-ldm when identical (checked bytewise)."""
+    from pipelines.loading import save_fp16
+    from pipelines.mask_to_image import MaskToImagePipeline
+
+    pipe = MaskToImagePipeline.from_pretrained(run / "final")
+    dst = CKPT / "mask-ldm"
+    replace_folder(dst)
+    save_fp16(pipe, dst)
+    link_shipped_vae(dst)
+    linked = [part for part in ("unet", "conditioner") if link_identical(dst, part, CKPT / "embedding-ldm" / part)]
+    (dst / "training.json").write_text(json.dumps(provenance(run, "controlnet", "controlnet.yaml", {
+        "shared_with_embedding_ldm": linked}), indent=2) + "\n")
+    return dst
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["vae", "ssl-encoder", "embedding-ldm", "segmenter", "virtual-ihc-her2",
-                                         "virtual-ihc-ki67", "stain-fuser", "stain-fuser-regressor"])
+                                         "virtual-ihc-ki67", "stain-fuser", "stain-fuser-regressor",
+                                         "mask-ldm"])
     parser.add_argument("--runs", type=Path, default=ROOT / "runs")
     parser.add_argument("--command", action="append", default=None, dest="commands",
                         help="the exact training commands, in order, when the run was not one plain recipe run "
@@ -164,6 +198,8 @@ def main() -> None:
 
         out = export_model(HoVerNetLite, args.runs / "segmenter" / "final", CKPT / "nuclei-segmenter",
                            provenance(args.runs / "segmenter", "segmenter", "segmenter.yaml"))
+    elif args.what == "mask-ldm":
+        out = export_mask_ldm(args.runs / "controlnet")
     elif args.what.startswith("stain-fuser"):
         out = export_stain_fuser(args.runs / args.what.replace("-", "_"), args.what)
     elif args.what.startswith("virtual-ihc-"):

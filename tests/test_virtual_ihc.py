@@ -121,6 +121,43 @@ def test_training_recipe_runs_and_reports_dab_correlation(tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "checkpoint_3").is_dir()
 
 
+def test_diffusion_recipe_trains_from_cached_latents_and_resumes(tmp_path):
+    """The diffusion translator's recipe on the shipped tile VAE: pairs are encoded once in
+    8 orientations (the cache holds exactly what the VAE gives for each view) and cropped
+    in latent space; training writes a loadable diffusion pipeline and resumes."""
+    import yaml
+    from diffusers import AutoencoderKL
+
+    from pipelines.encoders import load_model_folder
+    from studio.data.ihc_pairs import phantom_pairs
+    from studio.io import to_tensor
+    from training.virtual_ihc import PairLatentCache, VirtualIHCConfig, main
+
+    pairs = phantom_pairs(2, 96, "her2", seed=5)
+    vae = load_model_folder(AutoencoderKL, "checkpoints/tile-vae").eval()
+    cache = PairLatentCache(vae, [p.he for p in pairs], [p.ihc for p in pairs], factor=4)
+    assert len(cache) == 16
+    with torch.no_grad():
+        rotated = vae.encode(to_tensor(np.ascontiguousarray(np.rot90(pairs[1].ihc, 1))) * 2 - 1).latent_dist
+    torch.testing.assert_close(cache.mean[8 + 2], rotated.mean[0] * vae.config.scaling_factor, atol=1e-5, rtol=0)
+    cfg = VirtualIHCConfig(crop_size=64, batch_size=3)
+    cond, mean, std = cache.batch(7, cfg)
+    assert cond.shape == mean.shape == std.shape == (3, 4, 16, 16) and bool((std > 0).all())
+    torch.testing.assert_close(cache.batch(7, cfg)[0], cond)
+
+    recipe = yaml.safe_load(open("training/recipes/virtual_ihc_her2_diffusion.yaml"))
+    recipe.update(output_dir=str(tmp_path / "run"), phantom_pairs=2, real_pairs=False, pair_size=96, crop_size=64,
+                  batch_size=2, max_steps=2, validate_every=2, checkpoint_every=1, val_pairs=2, unet_channels=[32, 32],
+                  inference_steps=2)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    final = main(["--config", str(tmp_path / "r.yaml")])
+    assert VirtualIHCPipeline.from_pretrained(final).models == ["diffusion"]
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {"val_psnr", "val_dab_area_corr"} <= set(rows[-1])
+    main(["--config", str(tmp_path / "r.yaml"), "--resume", "latest", "--max-steps", "3"])
+    assert (tmp_path / "run" / "checkpoints" / "checkpoint_3").is_dir()
+
+
 def test_translate_tiles_and_a_slide(tmp_path):
     from studio.slides import open_slide, write_pyramid
 
