@@ -207,7 +207,9 @@ def test_generate_rare_dataset_labels_with_foreign_classes(tmp_path, mask_ckpt):
     assert_clear_error(result, "not one of the model's classes")
 
 
-def test_controlnet_training_runs_validates_and_resumes(tmp_path):
+@pytest.mark.parametrize("bank_size", [0, 6])
+def test_controlnet_training_runs_validates_and_resumes(tmp_path, bank_size):
+    """Per-batch encoding (bank 0) and the pre-encoded crop bank train, validate and resume alike."""
     import yaml
     from factories import tiny_checkpoint
 
@@ -219,7 +221,7 @@ def test_controlnet_training_runs_validates_and_resumes(tmp_path):
     recipe.write_text(yaml.safe_dump({
         "output_dir": str(tmp_path / "run"), "base": str(base), "encoder": encoder, "crop_size": 64,
         "batch_size": 2, "max_steps": 2, "validate_every": 2, "checkpoint_every": 1, "validation_steps": 2,
-        "sources": [{"name": "phantom", "n": 2, "seed": 5, "size": 96, "weight": 1.0}]}))
+        "bank_size": bank_size, "sources": [{"name": "phantom", "n": 2, "seed": 5, "size": 96, "weight": 1.0}]}))
     final = main(["--config", str(recipe)])
     pipe = MaskToImagePipeline.from_pretrained(final)
     assert pipe.classes == PANNUKE_CLASSES
@@ -229,6 +231,29 @@ def test_controlnet_training_runs_validates_and_resumes(tmp_path):
     # resume from the last checkpoint continues to a longer schedule
     final = main(["--config", str(recipe), "--resume", "latest", "--max-steps", "3"])
     assert (tmp_path / "run" / "checkpoints" / "checkpoint_3").is_dir()
+
+
+def test_control_bank_holds_what_per_batch_encoding_would_give(tmp_path):
+    from factories import tiny_checkpoint
+
+    from pipelines.embedding_to_image import EmbeddingToImagePipeline
+    from training.controlnet import ControlBank
+    from training.segmenter import BatchSampler, SegmenterConfig, build_training_data
+
+    base = EmbeddingToImagePipeline.from_pretrained(tiny_checkpoint(tmp_path / "base"))
+    data, p = build_training_data(SegmenterConfig(sources=({"name": "phantom", "n": 2, "seed": 5, "size": 96,
+                                                             "weight": 1.0},), stride=64))
+    sampler = BatchSampler(data, p, 64, seed=0)
+    bank = ControlBank(sampler, 5, base.vae, None, len(PANNUKE_CLASSES), "cpu", batch=4)
+    assert len(bank) == 5 and set(bank.parts) == {"mean", "std", "control"}
+    direct = sampler.batch(50_000_004, 1)  # the bank's 5th crop is the second chunk's first draw
+    with torch.no_grad():
+        mean = base.vae.encode(direct["image"] * 2 - 1).latent_dist.mean * base.vae.config.scaling_factor
+    torch.testing.assert_close(bank.parts["mean"][4], mean[0])
+    expected = control_map(direct["inst"][0], direct["tp"][0].numpy(), len(PANNUKE_CLASSES))
+    np.testing.assert_array_equal(bank.parts["control"][4].numpy(), expected)
+    drawn = bank.batch(3, torch.Generator().manual_seed(1))
+    assert drawn["latents"].shape == (3, *mean.shape[1:]) and drawn["control"].dtype == torch.float32
 
 
 def test_generate_rare_without_a_checkpoint_names_the_recipe(tmp_path):

@@ -71,6 +71,9 @@ class ControlNetConfig:
     guidance_scale: float = 2.0
     threads: int = 1
     mixed_precision: str = "no"
+    # > 0: encode this many augmented crops once (VAE posterior, SSL token, control map) and
+    # draw batches from them; 0 encodes every batch (needed when the data must stream).
+    bank_size: int = 0
 
 
 def mask_fidelity(images: np.ndarray, layouts: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
@@ -91,6 +94,46 @@ def heldout_layouts(size: int, n: int, classes: dict[int, str], seed: int = 7) -
     source = LayoutSource("hgsc_nest", size, classes, split="heldout")
     rng = np.random.default_rng(seed)
     return [(lay.inst, lay.cls) for lay in (source.draw(rng) for _ in range(n))]
+
+
+class ControlBank:
+    """Augmented training crops encoded once by the frozen parts: the VAE posterior (mean,
+    std; a fresh latent is sampled from it per use), the global SSL token and the control map.
+
+    Each bank entry is its own :class:`~training.segmenter.BatchSampler` draw (crop, rotation,
+    flip, stain jitter), so augmentation is baked in; batches then cost only the ControlNet
+    and UNet passes instead of also a VAE and an encoder pass per crop.
+    """
+
+    def __init__(self, sampler, size: int, vae, encoder, num_classes: int, device, batch: int = 16):
+        from pipelines.mask_to_image import control_map
+
+        parts: dict[str, list[torch.Tensor]] = {"mean": [], "std": [], "token": [], "control": []}
+        scale = vae.config.scaling_factor
+        for i in range(0, size, batch):
+            b = sampler.batch(50_000_000 + i, min(batch, size - i))
+            tiles = b["image"].to(device)
+            with torch.no_grad():
+                dist = vae.encode(tiles * 2 - 1).latent_dist
+                parts["mean"].append((dist.mean * scale).cpu())
+                parts["std"].append((dist.std * scale).cpu())
+                if encoder is not None:
+                    parts["token"].append(encoder.embed(tiles, grid=None).cpu())
+            parts["control"].append(torch.from_numpy(np.stack(
+                [control_map(inst, cls, num_classes) for inst, cls in zip(b["inst"], b["tp"].numpy(), strict=True)]
+            )).to(torch.uint8))  # binary maps: 1 byte a pixel instead of 4
+        self.parts = {k: torch.cat(v) for k, v in parts.items() if v}
+
+    def __len__(self) -> int:
+        return len(self.parts["mean"])
+
+    def batch(self, batch_size: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        idx = torch.randint(0, len(self), (batch_size,), generator=gen)
+        out = {k: v[idx] for k, v in self.parts.items()}
+        mean, std = out.pop("mean"), out.pop("std")
+        out["latents"] = mean + std * torch.randn(mean.shape, generator=gen)
+        out["control"] = out["control"].float()
+        return out
 
 
 @torch.no_grad()
@@ -167,22 +210,30 @@ def main(argv: list[str] | None = None) -> Path:
     val_layouts = heldout_layouts(cfg.crop_size, 6, classes)
     grid = conditioner.grid_for(cfg.crop_size, cfg.crop_size)
     log = MetricsLog(out)
+    bank = ControlBank(sampler, cfg.bank_size, vae, encoder, len(classes), accelerator.device) \
+        if cfg.bank_size > 0 else None
     for step in range(start, cfg.max_steps):
-        batch = sampler.batch(step, cfg.batch_size)
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        tiles = batch["image"].to(accelerator.device)
-        control = torch.from_numpy(np.stack([control_map(i, c, len(classes))
-                                             for i, c in zip(batch["inst"], batch["tp"].numpy(), strict=True)]))
+        if bank is not None:
+            drawn = bank.batch(cfg.batch_size, gen)
+            control, latents = drawn["control"], drawn["latents"].to(accelerator.device)
+        else:
+            batch = sampler.batch(step, cfg.batch_size)
+            tiles = batch["image"].to(accelerator.device)
+            control = torch.from_numpy(np.stack([control_map(i, c, len(classes))
+                                                 for i, c in zip(batch["inst"], batch["tp"].numpy(), strict=True)]))
         keep = (torch.rand(len(control), generator=gen) >= cfg.mask_dropout).float().view(-1, 1, 1, 1)
         control = (control * keep).to(accelerator.device)
         with torch.no_grad():
-            latents = vae.encode(tiles * 2 - 1).latent_dist.sample(gen) * vae.config.scaling_factor
+            if bank is None:
+                latents = vae.encode(tiles * 2 - 1).latent_dist.sample(gen) * vae.config.scaling_factor
             if encoder is not None:
-                tokens = encoder.embed(tiles, grid=None)  # (B, 1, D) global style token
+                # (B, 1, D) global style token
+                tokens = drawn["token"].to(accelerator.device) if bank is not None else encoder.embed(tiles, grid=None)
                 use = (torch.rand(len(tokens), generator=gen) < cfg.embedding_prob).view(-1, 1, 1)
                 tokens = torch.where(use.to(tokens.device), tokens, conditioner.null_like(tokens))
             else:
-                tokens = conditioner.null_embedding.expand(len(tiles), 1, -1)
+                tokens = conditioner.null_embedding.expand(len(latents), 1, -1)
             states, spatial = conditioner(tokens, grid, tuple(latents.shape[-2:]))
         noise = torch.randn(latents.shape, generator=gen).to(latents)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),), generator=gen)
