@@ -160,3 +160,26 @@ def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
 def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
     """CIELAB -> sRGB in [0, 1] (clipped); kornia's conversion."""
     return kornia.color.lab_to_rgb(lab, clip=True)
+
+
+def transfer_colour(structure: torch.Tensor, colour: torch.Tensor, radius: int = 16, eps: float = 1e-4) -> torch.Tensor:
+    """Render ``structure``'s pixels in ``colour``'s local colours: a guided filter (He et
+    al. 2010, colour guidance; :func:`kornia.filters.guided_blur`) in optical density.
+
+    Why: a latent model's output is decoded by a small tile VAE that blurs fine detail
+    (SSIM ~0.89 on its own reconstructions), while a stain normalizer must keep the
+    source's structure exactly. In every ``(2 radius + 1)``-pixel window the map from the
+    source's OD to the model's OD is fitted as a 3x3 affine transform (Beer-Lambert: stain
+    changes are linear in OD) and applied to the source at full resolution, so colour
+    comes from the model and every edge from the source.
+
+    Args:
+        structure, colour: ``(B, 3, H, W)`` RGB in [0, 1] (source tile, model output).
+        radius: window radius in pixels: larger follows colour less locally.
+        eps: regulariser on the source's local OD covariance (OD units squared): flat
+            regions (glass, one stain) get a near-constant colour instead of amplified noise.
+    """
+    from kornia.filters import guided_blur
+
+    od = guided_blur(rgb_to_od(structure.float()), rgb_to_od(colour.float()), 2 * radius + 1, eps)
+    return od_to_rgb(od.clamp_min(0)).clamp(0, 1)
