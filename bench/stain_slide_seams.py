@@ -1,6 +1,6 @@
 """Whole-slide stain normalization: seams and throughput, classical vs learned, one table.
 
-    python bench/stain_slide_seams.py [--slide cmu_small_region] [--reference tiatoolbox_target]
+    python bench/stain_slide_seams.py [--slide cmu_small_region] [--reference tiatoolbox_target] [--fuser DIR] [--regressor DIR]
                                       [--methods macenko,stainfuser,stainfuser-regressor] [--tile-size 256]
 
 Each method runs through the same slide job users get from ``histostudio normalize`` (tile
@@ -53,13 +53,10 @@ def read_level0(path: Path) -> np.ndarray:
     return image
 
 
-def make_transform(method: str, reference: str, halo: int | None, seed: int):
+def make_transform(method: str, reference: str, halo: int | None, seed: int, folders: dict[str, str]):
     kwargs = {"reference": reference, "seed": seed}
     if method.startswith("stainfuser"):
-        from studio.info import checkpoints_dir
-
-        name = "stain-fuser-regressor" if method == "stainfuser-regressor" else "stain-fuser"
-        kwargs["checkpoint"] = checkpoints_dir() / name
+        kwargs["checkpoint"] = folders[method]
         if halo is not None:
             kwargs["halo"] = halo
         method = "stainfuser"
@@ -73,6 +70,8 @@ def main() -> None:
     parser.add_argument("--methods", default="macenko,stainfuser,stainfuser-regressor")
     parser.add_argument("--tile-size", type=int, default=256)
     parser.add_argument("--halo", type=int, default=None, help="override the learned methods' halo (0: none)")
+    parser.add_argument("--fuser", default="checkpoints/stain-fuser")
+    parser.add_argument("--regressor", default="checkpoints/stain-fuser-regressor")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path("docs"))
@@ -89,7 +88,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
             try:
-                transform = make_transform(method, args.reference, args.halo, args.seed)
+                transform = make_transform(method, args.reference, args.halo, args.seed,
+                                           {"stainfuser": args.fuser, "stainfuser-regressor": args.regressor})
             except Exception as exc:  # a missing checkpoint skips that row, loudly
                 print(f"skipping {method}: {exc}")
                 continue
