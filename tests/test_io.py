@@ -97,3 +97,18 @@ def test_save_npy_refuses_objects_and_tensor_conversions(tmp_path, real):
     assert np.array_equal(to_uint8(t)[0], load_sample("hgsc_nest")[:16, :16])
     with pytest.raises(InputError, match="expected"):
         to_tensor(np.zeros((4, 4)))
+
+
+def test_atomic_writes_get_the_mode_a_plain_open_would(tmp_path):
+    """The temp-then-rename path must not leave outputs readable by their owner only."""
+    import os
+
+    from studio.io import atomic_write_text
+
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    atomic_write_text(tmp_path / "atomic.txt", "x")
+    write_image(tmp_path / "tile.png", np.zeros((8, 8, 3), np.uint8))
+    expected = os.stat(plain).st_mode & 0o777
+    assert os.stat(tmp_path / "atomic.txt").st_mode & 0o777 == expected
+    assert os.stat(tmp_path / "tile.png").st_mode & 0o777 == expected
