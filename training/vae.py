@@ -24,6 +24,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torchmetrics.functional import structural_similarity_index_measure
@@ -63,6 +64,13 @@ class VAEConfig:
     layers_per_block: int = 1
     latent_channels: int = 4
     norm_num_groups: int = 16
+    # fine-tuning: start from this AutoencoderKL folder (its architecture wins over the above)
+    init_from: str | None = None
+    # share of every batch drawn from IHC tiles (phantom HER2/Ki67 IHC + the train part of
+    # the real H-DAB sample), for an autoencoder that a latent H&E -> IHC translator can
+    # decode through; 0 trains on H&E only
+    ihc_fraction: float = 0.0
+    ihc_phantom_tiles: int = 96
 
 
 def build_model(cfg: VAEConfig):
@@ -119,6 +127,7 @@ def main(argv: list[str] | None = None) -> Path:
     from diffusers import AutoencoderKL
     from diffusers.training_utils import EMAModel
 
+    from pipelines.encoders import load_model_folder
     from studio.data.splits import regions, tissue_tiles
     from studio.io import to_tensor
     from studio.stain.augment import StainAugment
@@ -128,7 +137,7 @@ def main(argv: list[str] | None = None) -> Path:
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, project_dir=str(out))
     set_seed(cfg.seed)
-    model = build_model(cfg)
+    model = load_model_folder(AutoencoderKL, Path(cfg.init_from)).train() if cfg.init_from else build_model(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=1e-4)
     scheduler = warmup_cosine_scheduler(optimizer, cfg.warmup_steps, cfg.max_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -142,10 +151,17 @@ def main(argv: list[str] | None = None) -> Path:
     sampler = CropSampler(list(regions("train").values()), cfg.crop_size,
                           stain=StainAugment() if cfg.stain_jitter else None, seed=cfg.seed)
     val_tiles = to_tensor(tissue_tiles("heldout", 256, min_tissue=0.6)[::3][:8])
+    n_ihc = int(round(cfg.batch_size * cfg.ihc_fraction))
+    ihc_sampler = CropSampler(ihc_images(cfg, "train"), cfg.crop_size, min_tissue=0.1, seed=cfg.seed + 1) \
+        if n_ihc else None
+    val_ihc = to_tensor(np.stack([im[:128, :128] for im in ihc_images(cfg, "heldout")])) if n_ihc else None
     log = MetricsLog(out)
     model.train()
     for step in range(start, cfg.max_steps):
-        tiles = sampler.batch(step, cfg.batch_size).to(accelerator.device)
+        tiles = sampler.batch(step, cfg.batch_size - n_ihc)
+        if ihc_sampler is not None:
+            tiles = torch.cat([tiles, ihc_sampler.batch(step, n_ihc)])
+        tiles = tiles.to(accelerator.device)
         with accelerator.accumulate(model):
             loss, parts = vae_loss(model, tiles, cfg)
             accelerator.backward(loss)
@@ -161,6 +177,10 @@ def main(argv: list[str] | None = None) -> Path:
             with ema_weights(ema, unwrapped):
                 metrics = validate(unwrapped, val_tiles.to(accelerator.device),
                                    out / "validation" / f"step_{done:06d}.png")
+                if val_ihc is not None:
+                    ihc = validate(unwrapped, val_ihc.to(accelerator.device),
+                                   out / "validation" / f"step_{done:06d}_ihc.png")
+                    metrics.update({k.replace("val_", "val_ihc_"): v for k, v in ihc.items()})
             log.write(step=done, **metrics)
             accelerator.print(f"step {done}: loss {loss.item():.4f} {metrics}")
         if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
@@ -175,6 +195,21 @@ def main(argv: list[str] | None = None) -> Path:
     unwrapped.save_pretrained(final, safe_serialization=True)
     accelerator.print(f"wrote {final}")
     return final
+
+
+def ihc_images(cfg: VAEConfig, split: str) -> list[np.ndarray]:
+    """IHC training / held-out images: phantom HER2 and Ki67 IHC tiles (held-out seeds for
+    ``heldout``) and the real H-DAB sample cut like the H&E samples (right quarter held out)."""
+    from studio.data.ihc_pairs import IHC_SEEDS_HELD_OUT, phantom_pairs
+    from studio.data.samples import load_sample
+
+    n = cfg.ihc_phantom_tiles // 2 if split == "train" else 4
+    seed = cfg.seed * 100_000 + 50_000 if split == "train" else IHC_SEEDS_HELD_OUT + 500
+    tiles = [p.ihc for stain in ("her2", "ki67") for p in phantom_pairs(n, 256, stain, seed=seed)]
+    real = load_sample("ihc")
+    cut = int(round(real.shape[1] * 0.75))
+    tiles.append(np.ascontiguousarray(real[:, :cut] if split == "train" else real[:256, cut:]))
+    return tiles
 
 
 @torch.no_grad()
