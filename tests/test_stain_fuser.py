@@ -128,7 +128,9 @@ def test_stainfuser_needs_a_reference_and_a_checkpoint(tmp_path):
         create_tile_transform(reference="tiatoolbox_target", checkpoint=str(tmp_path / "nothing"))
 
 
-def test_training_recipes_run_and_resume(tmp_path):
+@pytest.mark.parametrize("bank_size", [0, 3])
+def test_training_recipes_run_and_resume(tmp_path, bank_size):
+    """Both recipes, with fresh pairs every step (bank 0) and with a pre-encoded pair bank."""
     import yaml
 
     from training.stain_fuser import main
@@ -136,7 +138,8 @@ def test_training_recipes_run_and_resume(tmp_path):
     for name in ("stain_fuser", "stain_fuser_regressor"):
         cfg = yaml.safe_load(open(f"training/recipes/{name}.yaml"))
         cfg.update(output_dir=str(tmp_path / name), crop_size=64, batch_size=2, max_steps=2, validate_every=2,
-                   checkpoint_every=1, val_pairs=2, unet_channels=[32, 32, 32], style_dim=64, inference_steps=2)
+                   checkpoint_every=1, val_pairs=2, unet_channels=[32, 32, 32], style_dim=64, inference_steps=2,
+                   bank_size=bank_size)
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
         final = main(["--config", str(tmp_path / f"{name}.yaml")])
         assert StainFuserPipeline.from_pretrained(final).config.mode == cfg["mode"]
@@ -151,3 +154,26 @@ def test_make_pairs_bad_requests():
         make_pairs([load_sample("skin")], 0, 64)
     with pytest.raises(InputError, match="none is at least"):
         make_pairs([np.zeros((32, 32, 3), np.uint8)], 2, 64)
+
+
+def test_pair_bank_holds_the_recipe_pairs_encoded():
+    from dataclasses import replace
+
+    from diffusers import AutoencoderKL
+
+    from pipelines.encoders import load_model_folder
+    from studio.data.splits import regions
+    from training.stain_fuser import PairBank, StainFuserConfig, pair_batch
+
+    vae = load_model_folder(AutoencoderKL, "checkpoints/tile-vae").eval()
+    train = regions("train")
+    cfg = StainFuserConfig(crop_size=64)
+    bank = PairBank(vae, list(train.values()), list(train), 3, cfg, "cpu", chunk=2)
+    assert len(bank) == 3
+    src, tgt, ref = pair_batch(list(train.values()), list(train), 50_000_002, replace(cfg, batch_size=1))
+    with torch.no_grad():
+        expected = vae.encode(tgt * 2 - 1).latent_dist.mode() * vae.config.scaling_factor
+    torch.testing.assert_close(bank.parts["target"][2], expected[0])
+    torch.testing.assert_close(bank.parts["stats"][2], reference_statistics(ref[:1]))
+    s, t, st = bank.batch(4, torch.Generator().manual_seed(0))
+    assert s.shape == t.shape == (4, 4, 16, 16) and st.shape == (4, 15)

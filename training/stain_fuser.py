@@ -63,6 +63,9 @@ class StainFuserConfig:
     beta_schedule: str = "squaredcos_cap_v2"
     unet_channels: tuple[int, ...] = (32, 64, 128)
     style_dim: int = 256
+    # > 0: make and encode this many pairs once (source latent, target latent, reference
+    # statistics) and draw batches from them; 0 makes and encodes fresh pairs every step
+    bank_size: int = 0
 
 
 def pair_batch(images: list[np.ndarray], names: list[str], step: int, cfg: StainFuserConfig):
@@ -81,6 +84,36 @@ def held_out_pairs(cfg: StainFuserConfig):
 
     r = regions("heldout")
     return make_pairs(list(r.values()), cfg.val_pairs, cfg.crop_size, seed=777_777, names=list(r))
+
+
+class PairBank:
+    """Training pairs made and encoded once: the two VAE encodes and the pair rendering
+    were most of a CPU step. Every entry is its own :func:`pair_batch` draw (source stain,
+    tone curve, crop, target), so the bank is the recipe's data distribution, sampled."""
+
+    def __init__(self, vae, images: list[np.ndarray], names: list[str], size: int, cfg: StainFuserConfig,
+                 device, chunk: int = 16):
+        from dataclasses import replace
+
+        from pipelines.stain_fuser import reference_statistics
+
+        scale = vae.config.scaling_factor
+        parts: dict[str, list[torch.Tensor]] = {"source": [], "target": [], "stats": []}
+        for i in range(0, size, chunk):
+            src, tgt, ref = (t.to(device) for t in pair_batch(images, names, 50_000_000 + i,
+                                                              replace(cfg, batch_size=min(chunk, size - i))))
+            with torch.no_grad():
+                parts["stats"].append(torch.stack([reference_statistics(r[None]) for r in ref]).cpu())
+                parts["source"].append((vae.encode(src * 2 - 1).latent_dist.mode() * scale).cpu())
+                parts["target"].append((vae.encode(tgt * 2 - 1).latent_dist.mode() * scale).cpu())
+        self.parts = {k: torch.cat(v) for k, v in parts.items()}
+
+    def __len__(self) -> int:
+        return len(self.parts["source"])
+
+    def batch(self, batch_size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        idx = torch.randint(0, len(self), (batch_size,), generator=gen)
+        return self.parts["source"][idx], self.parts["target"][idx], self.parts["stats"][idx]
 
 
 @torch.no_grad()
@@ -169,20 +202,24 @@ def main(argv: list[str] | None = None) -> Path:
         sch = latent_ddim(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule)
         return StainFuserPipeline(vae=vae, unet=m.unet, reference_encoder=m.encoder, scheduler=sch, mode=cfg.mode)
 
+    bank = PairBank(vae, images, names, cfg.bank_size, cfg, accelerator.device) if cfg.bank_size > 0 else None
     for step in range(start, cfg.max_steps):
-        src, tgt, ref = (t.to(accelerator.device) for t in pair_batch(images, names, step, cfg))
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        with torch.no_grad():
-            stats = torch.stack([reference_statistics(r[None]) for r in ref])
-            src_lat = vae.encode(src * 2 - 1).latent_dist.mode() * scale
-            tgt_lat = vae.encode(tgt * 2 - 1).latent_dist.mode() * scale
+        if bank is not None:
+            src_lat, tgt_lat, stats = (t.to(accelerator.device) for t in bank.batch(cfg.batch_size, gen))
+        else:
+            src, tgt, ref = (t.to(accelerator.device) for t in pair_batch(images, names, step, cfg))
+            with torch.no_grad():
+                stats = torch.stack([reference_statistics(r[None]) for r in ref])
+                src_lat = vae.encode(src * 2 - 1).latent_dist.mode() * scale
+                tgt_lat = vae.encode(tgt * 2 - 1).latent_dist.mode() * scale
         with accelerator.accumulate(model):
             if cfg.mode == "regressor":
-                t0 = torch.zeros(len(src), dtype=torch.long, device=src.device)
+                t0 = torch.zeros(len(src_lat), dtype=torch.long, device=src_lat.device)
                 loss = F.l1_loss(model(torch.cat([src_lat, src_lat], 1), t0, stats), tgt_lat)
             else:
                 noise = torch.randn(tgt_lat.shape, generator=gen).to(tgt_lat)
-                t = torch.randint(0, cfg.num_train_timesteps, (len(src),), generator=gen).to(src.device)
+                t = torch.randint(0, cfg.num_train_timesteps, (len(src_lat),), generator=gen).to(src_lat.device)
                 noisy = noise_scheduler.add_noise(tgt_lat, noise, t)
                 loss = F.mse_loss(model(torch.cat([noisy, src_lat], 1), t, stats), noise)
             accelerator.backward(loss)
