@@ -1,7 +1,8 @@
 """Whole-slide stain normalization: seams and throughput, classical vs learned, one table.
 
-    python bench/stain_slide_seams.py [--slide cmu_small_region] [--reference tiatoolbox_target] [--fuser DIR] [--regressor DIR]
+    python bench/stain_slide_seams.py [--slide cmu_small_region] [--reference tiatoolbox_target]
                                       [--methods macenko,stainfuser,stainfuser-regressor] [--tile-size 256]
+                                      [--fuser DIR] [--regressor DIR]
 
 Each method runs through the same slide job users get from ``histostudio normalize`` (tile
 grid, per-slide source profile for the classical methods, halo windows with cross-faded

@@ -138,6 +138,19 @@ def export_stain_fuser(run: Path, name: str) -> Path:
     return dst
 
 
+def scrub_local_paths(dst: Path) -> None:
+    """Drop diffusers' ``_name_or_path`` (the training machine's run folder) from every
+    exported component config (not through symlinks to other shipped folders): it leaks a
+    local path and makes identical components differ."""
+    configs = [dst / "model_index.json", *(d / "config.json" for d in [dst, *dst.iterdir()]
+                                              if d.is_dir() and not d.is_symlink())]
+    for config in configs:
+        if config.is_file() and not config.is_symlink():
+            data = json.loads(config.read_text())
+            if data.pop("_name_or_path", None) is not None:
+                config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
 def link_identical(dst: Path, part: str, shipped: Path) -> bool:
     """Replace ``dst/part`` by a symlink to ``shipped`` when every file in it is byte-identical
     (a frozen base exported twice is one copy in git); leave it alone otherwise."""
@@ -164,6 +177,7 @@ def export_mask_ldm(run: Path) -> Path:
     replace_folder(dst)
     save_fp16(pipe, dst)
     link_shipped_vae(dst)
+    scrub_local_paths(dst)
     linked = [part for part in ("unet", "conditioner") if link_identical(dst, part, CKPT / "embedding-ldm" / part)]
     (dst / "training.json").write_text(json.dumps(provenance(run, "controlnet", "controlnet.yaml", {
         "shared_with_embedding_ldm": linked}), indent=2) + "\n")
@@ -206,6 +220,7 @@ def main() -> None:
         out = export_virtual_ihc(args.runs, args.what.removeprefix("virtual-ihc-"))
     else:
         out = export_ldm(args.runs / "ldm")
+    scrub_local_paths(out)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file() and not f.is_symlink()) / 2**20
     print(f"exported {out} ({size:.1f} MB)")
 
