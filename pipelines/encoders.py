@@ -248,8 +248,14 @@ def file_digest(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def weights_digest(folder: Path) -> str:
-    files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("config.json"))
-    return hashlib.sha256("".join(file_digest(f) for f in files).encode()).hexdigest()[:16]
+    """Identity of a model folder: its weights and its configuration, not where it was saved
+    from (diffusers' ``_name_or_path`` is dropped, so exporting a model elsewhere keeps it)."""
+    parts = [file_digest(f) for f in sorted(folder.glob("*.safetensors"))]
+    for config in sorted(folder.glob("config.json")):
+        data = json.loads(config.read_text())
+        data.pop("_name_or_path", None)
+        parts.append(hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest())
+    return hashlib.sha256("".join(parts).encode()).hexdigest()[:16]
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -68,21 +68,16 @@ def export_ldm(run: Path) -> Path:
     from pipelines.embedding_sampler import fit_on_real_tiles
     from pipelines.embedding_to_image import EmbeddingToImagePipeline
     from pipelines.encoders import load_encoder
-    from pipelines.loading import latent_ddim, save_fp16
+    from pipelines.loading import latent_ddim
 
     pipe = EmbeddingToImagePipeline.from_pretrained(run / "final")
     pipe.scheduler = latent_ddim(pipe.scheduler.config)  # the sampler the model is reliable with
-    shipped_vae = CKPT / "tile-vae"
     encoder = load_encoder("builtin")
     trained_with = json.loads((run / "final" / "encoder.json").read_text())
     if trained_with.get("identity") != encoder.identity:
         raise SystemExit(f"the LDM was trained with encoder {trained_with.get('identity')}, but the shipped "
                          f"builtin encoder is {encoder.identity}: export the encoder it was trained with first")
-    dst = CKPT / "embedding-ldm"
-    replace_folder(dst)
-    save_fp16(pipe, dst)
-    shutil.rmtree(dst / "vae")
-    os.symlink(os.path.relpath(shipped_vae, dst), dst / "vae")  # the same weights as checkpoints/tile-vae
+    dst = ship_pipeline(pipe, CKPT / "embedding-ldm")  # its vae: the same weights as checkpoints/tile-vae
     (dst / "encoder.json").write_text(json.dumps({"encoder": "builtin", "embed_dim": encoder.dim,
                                                   "identity": encoder.identity}, indent=2) + "\n")
     sampler = fit_on_real_tiles(encoder, pipe.conditioner.grid_for(256, 256))
@@ -96,7 +91,7 @@ def export_ldm(run: Path) -> Path:
 def export_virtual_ihc(runs: Path, stain: str) -> Path:
     """runs/virtual_ihc_<stain> (fast) and, when finished, runs/virtual_ihc_<stain>_diffusion
     -> one pipeline folder holding both translators (its vae a symlink to ../tile-vae)."""
-    from pipelines.loading import latent_ddim, save_fp16
+    from pipelines.loading import latent_ddim
     from pipelines.virtual_ihc import VirtualIHCPipeline
 
     fast_run, diff_run = runs / f"virtual_ihc_{stain}", runs / f"virtual_ihc_{stain}_diffusion"
@@ -107,11 +102,7 @@ def export_virtual_ihc(runs: Path, stain: str) -> Path:
         diff = VirtualIHCPipeline.from_pretrained(diff_run / "final")
         parts.update(vae=diff.vae, unet=diff.unet, scheduler=latent_ddim(diff.scheduler.config))
         info["diffusion"] = provenance(diff_run, "virtual_ihc", f"virtual_ihc_{stain}_diffusion.yaml")
-    pipe = VirtualIHCPipeline(stain=stain, **parts)
-    dst = CKPT / f"virtual-ihc-{stain}"
-    replace_folder(dst)
-    save_fp16(pipe, dst)
-    link_shipped_vae(dst)
+    dst = ship_pipeline(VirtualIHCPipeline(stain=stain, **parts), CKPT / f"virtual-ihc-{stain}")
     (dst / "training.json").write_text(json.dumps(info, indent=2) + "\n")
     return dst
 
@@ -123,16 +114,23 @@ def link_shipped_vae(dst: Path) -> None:
         os.symlink(os.path.relpath(CKPT / "tile-vae", dst), dst / "vae")
 
 
-def export_stain_fuser(run: Path, name: str) -> Path:
-    """runs/stain_fuser[_regressor]/final -> checkpoints/<name> (its vae a symlink to ../tile-vae)."""
+def ship_pipeline(pipe, dst: Path) -> Path:
+    """Write ``pipe`` to ``dst`` as shipped: fp16 weights, ``vae`` a symlink to ../tile-vae,
+    no local paths in its configs."""
     from pipelines.loading import save_fp16
-    from pipelines.stain_fuser import StainFuserPipeline
 
-    pipe = StainFuserPipeline.from_pretrained(run / "final")
-    dst = CKPT / name
     replace_folder(dst)
     save_fp16(pipe, dst)
     link_shipped_vae(dst)
+    scrub_local_paths(dst)
+    return dst
+
+
+def export_stain_fuser(run: Path, name: str) -> Path:
+    """runs/stain_fuser[_regressor]/final -> checkpoints/<name> (its vae a symlink to ../tile-vae)."""
+    from pipelines.stain_fuser import StainFuserPipeline
+
+    dst = ship_pipeline(StainFuserPipeline.from_pretrained(run / "final"), CKPT / name)
     (dst / "training.json").write_text(json.dumps(provenance(run, "stain_fuser", f"{run.name}.yaml"), indent=2)
                                        + "\n")
     return dst
@@ -169,15 +167,9 @@ def link_identical(dst: Path, part: str, shipped: Path) -> bool:
 def export_mask_ldm(run: Path) -> Path:
     """runs/controlnet/final -> checkpoints/mask-ldm. The base UNet and conditioner were frozen
     during training, so they are symlinks to ../embedding-ldm when identical (checked bytewise)."""
-    from pipelines.loading import save_fp16
     from pipelines.mask_to_image import MaskToImagePipeline
 
-    pipe = MaskToImagePipeline.from_pretrained(run / "final")
-    dst = CKPT / "mask-ldm"
-    replace_folder(dst)
-    save_fp16(pipe, dst)
-    link_shipped_vae(dst)
-    scrub_local_paths(dst)
+    dst = ship_pipeline(MaskToImagePipeline.from_pretrained(run / "final"), CKPT / "mask-ldm")
     linked = [part for part in ("unet", "conditioner") if link_identical(dst, part, CKPT / "embedding-ldm" / part)]
     (dst / "training.json").write_text(json.dumps(provenance(run, "controlnet", "controlnet.yaml", {
         "shared_with_embedding_ldm": linked}), indent=2) + "\n")

@@ -96,6 +96,24 @@ def heldout_layouts(size: int, n: int, classes: dict[int, str], seed: int = 7) -
     return [(lay.inst, lay.cls) for lay in (source.draw(rng) for _ in range(n))]
 
 
+@torch.no_grad()
+def encode_crops(batch: dict, vae, encoder, num_classes: int, device) -> dict:
+    """What the frozen parts make of a :class:`~training.segmenter.BatchSampler` batch:
+    control maps, the VAE posterior's mean / std and, with an encoder, the global SSL token
+    of each crop."""
+    from pipelines.mask_to_image import control_map
+
+    tiles = batch["image"].to(device)
+    dist = vae.encode(tiles * 2 - 1).latent_dist
+    scale = vae.config.scaling_factor
+    out = {"control": torch.from_numpy(np.stack([control_map(inst, cls, num_classes) for inst, cls
+                                                 in zip(batch["inst"], batch["tp"].numpy(), strict=True)])),
+           "mean": dist.mean * scale, "std": dist.std * scale}
+    if encoder is not None:
+        out["token"] = encoder.embed(tiles, grid=None)
+    return out
+
+
 class ControlBank:
     """Augmented training crops encoded once by the frozen parts: the VAE posterior (mean,
     std; a fresh latent is sampled from it per use), the global SSL token and the control map.
@@ -106,23 +124,13 @@ class ControlBank:
     """
 
     def __init__(self, sampler, size: int, vae, encoder, num_classes: int, device, batch: int = 16):
-        from pipelines.mask_to_image import control_map
-
-        parts: dict[str, list[torch.Tensor]] = {"mean": [], "std": [], "token": [], "control": []}
-        scale = vae.config.scaling_factor
+        parts: dict[str, list[torch.Tensor]] = {}
         for i in range(0, size, batch):
             b = sampler.batch(50_000_000 + i, min(batch, size - i))
-            tiles = b["image"].to(device)
-            with torch.no_grad():
-                dist = vae.encode(tiles * 2 - 1).latent_dist
-                parts["mean"].append((dist.mean * scale).cpu())
-                parts["std"].append((dist.std * scale).cpu())
-                if encoder is not None:
-                    parts["token"].append(encoder.embed(tiles, grid=None).cpu())
-            parts["control"].append(torch.from_numpy(np.stack(
-                [control_map(inst, cls, num_classes) for inst, cls in zip(b["inst"], b["tp"].numpy(), strict=True)]
-            )).to(torch.uint8))  # binary maps: 1 byte a pixel instead of 4
-        self.parts = {k: torch.cat(v) for k, v in parts.items() if v}
+            for key, value in encode_crops(b, vae, encoder, num_classes, device).items():
+                # binary control maps: 1 byte a pixel instead of 4
+                parts.setdefault(key, []).append(value.cpu().to(torch.uint8) if key == "control" else value.cpu())
+        self.parts = {k: torch.cat(v) for k, v in parts.items()}
 
     def __len__(self) -> int:
         return len(self.parts["mean"])
@@ -131,7 +139,7 @@ class ControlBank:
         idx = torch.randint(0, len(self), (batch_size,), generator=gen)
         out = {k: v[idx] for k, v in self.parts.items()}
         mean, std = out.pop("mean"), out.pop("std")
-        out["latents"] = mean + std * torch.randn(mean.shape, generator=gen)
+        out["latents"] = mean + std * torch.randn(mean.shape, generator=gen)  # a posterior sample
         out["control"] = out["control"].float()
         return out
 
@@ -177,7 +185,7 @@ def main(argv: list[str] | None = None) -> Path:
     from pipelines.embedding_to_image import EmbeddingToImagePipeline
     from pipelines.encoders import load_encoder
     from pipelines.loading import latent_ddim
-    from pipelines.mask_to_image import MaskToImagePipeline, control_map, controlnet_from_base
+    from pipelines.mask_to_image import MaskToImagePipeline, controlnet_from_base
     from studio.data.samples import PANNUKE_CLASSES
     from studio.stain.augment import StainAugment
     from training.segmenter import BatchSampler, SegmenterConfig, build_training_data
@@ -216,20 +224,19 @@ def main(argv: list[str] | None = None) -> Path:
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         if bank is not None:
             drawn = bank.batch(cfg.batch_size, gen)
-            control, latents = drawn["control"], drawn["latents"].to(accelerator.device)
         else:
             batch = sampler.batch(step, cfg.batch_size)
-            tiles = batch["image"].to(accelerator.device)
-            control = torch.from_numpy(np.stack([control_map(i, c, len(classes))
-                                                 for i, c in zip(batch["inst"], batch["tp"].numpy(), strict=True)]))
+            drawn = encode_crops(batch, vae, encoder, len(classes), accelerator.device)
+        control = drawn["control"]
         keep = (torch.rand(len(control), generator=gen) >= cfg.mask_dropout).float().view(-1, 1, 1, 1)
         control = (control * keep).to(accelerator.device)
+        if "latents" not in drawn:  # per-batch path: the posterior is sampled after the dropout draw, as always
+            drawn["latents"] = drawn["mean"] + drawn["std"] * torch.randn(drawn["mean"].shape, generator=gen).to(
+                drawn["mean"])
+        latents = drawn["latents"].to(accelerator.device)
         with torch.no_grad():
-            if bank is None:
-                latents = vae.encode(tiles * 2 - 1).latent_dist.sample(gen) * vae.config.scaling_factor
             if encoder is not None:
-                # (B, 1, D) global style token
-                tokens = drawn["token"].to(accelerator.device) if bank is not None else encoder.embed(tiles, grid=None)
+                tokens = drawn["token"].to(accelerator.device)  # (B, 1, D) global style token
                 use = (torch.rand(len(tokens), generator=gen) < cfg.embedding_prob).view(-1, 1, 1)
                 tokens = torch.where(use.to(tokens.device), tokens, conditioner.null_like(tokens))
             else:
