@@ -1,6 +1,7 @@
 """Does adding synthetic tiles rich in a rare class help the nucleus segmenter on that class?
 
     python bench/augment_experiment.py                        # both parts, ~28 min on a busy 2-core CPU
+    python bench/augment_experiment.py --parts real --steps 300   # the README's run (~65 min, one thread)
     python bench/augment_experiment.py --parts real --seeds 5 --steps 400
     python bench/augment_experiment.py --steps 3000 --batch-size 16 --threads 8   # a GPU / a big CPU
     python bench/augment_experiment.py --tiny                 # smoke run: toy model, 2 steps (~1 min)
@@ -16,11 +17,13 @@ for every variant; mean ± sd over seeds, paired differences to the baseline):
    PQ on a handful of nuclei is noise. Measured census (distinct nuclei, train / held-out):
    neoplastic 264 / 7, inflammatory 559 / 12, connective 184 / 143 -- the held-out band is
    mostly stroma, so connective is the only class the held-out set can score.
-   **Synthetic = phantom tiles** (:func:`studio.data.phantom_dataset.phantom_samples`)
-   whose class mix favours the scarce class (60 %; the remaining 40 % shared by the other
-   classes the real tiles have). They are a **stand-in until the rare-class diffusion
-   generator exists**: procedural pictures with exact labels, not generated look-alikes of
-   the real tissue, so this part measures what class-rich data from *another* domain does.
+   **Synthetic = generated patches** (default ``--synthetic generated``): the shipped
+   rare-class generator (``checkpoints/mask-ldm``, mask-conditioned latent diffusion) draws
+   ``--synthetic-n`` patches, each a label map of the *training* band with
+   ``--per-patch`` extra nuclei of the scarce class, the labels being the conditioning
+   maps (cached under ``--out``). ``--synthetic phantom`` swaps in procedural phantom tiles
+   rich in the class (exact labels, another domain), ``--synthetic DIR`` any dataset
+   written by ``histostudio generate rare``.
 2. **phantom** -- the same on phantom data: train on phantom tiles, evaluate on held-out
    phantom tiles (a seeded 25 % of the tiles) with exact truth, the same class made
    scarce (part 1's choice; with ``--parts phantom`` alone, ``auto`` chooses on the phantom
@@ -52,8 +55,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-STAND_IN_NOTE = ("Synthetic tiles are procedural phantoms rich in the scarce class, a stand-in until the rare-class "
-                 "diffusion generator exists; they are not generated look-alikes of the real tissue.")
+STAND_IN_NOTE = ("Synthetic tiles are procedural phantoms rich in the scarce class (--synthetic phantom): exact "
+                 "labels from another domain, not generated look-alikes of the real tissue.")
 
 
 def choose_class(census: dict, requested: str) -> str:
@@ -62,6 +65,27 @@ def choose_class(census: dict, requested: str) -> str:
         return requested
     held, train = census["heldout"], census["train"]
     return max(held, key=lambda name: (held[name], train.get(name, 0)))
+
+
+def generate_synthetic(args: argparse.Namespace, class_name: str, count: int) -> str:
+    """The real part's synthetic set: ``count`` patches from the rare-class generator, each
+    with ``--per-patch`` nuclei of the scarce class added to a label map of the hgsc_nest
+    *training* band (never the held-out band). Cached under ``--out``: a rerun with the same
+    request reuses it."""
+    from pipelines.rare_generation import RareRequest, generate_rare
+
+    folder = args.out / f"generated_{class_name}_{count}x{args.per_patch}_seed0"
+    if args.tiny:
+        folder = folder.with_name(folder.name + "_tiny")
+    if (folder / "provenance.json").is_file():
+        print(f"  synthetic: reusing {folder}", flush=True)
+        return str(folder)
+    print(f"  synthetic: generating {count} patches of {class_name} with {args.generator} -> {folder}", flush=True)
+    request = RareRequest(labels="hgsc_nest", classes=class_name, count=count, out=str(folder),
+                          per_patch=args.per_patch, checkpoint=args.generator, seed=0, split="train",
+                          size=128 if args.tiny else 256, steps=2 if args.tiny else 20, overwrite=True)
+    generate_rare(request, log=lambda line: print(f"  {line}", flush=True))
+    return str(folder)
 
 
 def print_census(title: str, census: dict, chosen: str) -> None:
@@ -96,10 +120,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scarce-class", default="auto", help="a class name, or 'auto' (most held-out nuclei)")
     p.add_argument("--scarce-keep", type=float, default=DEFAULT_SCARCE_KEEP)
     p.add_argument("--synthetic-ratio", type=float, default=0.3)
-    p.add_argument("--synthetic-n", type=int, default=48, help="synthetic phantom tiles")
-    p.add_argument("--synthetic", default="phantom",
-                   help="'phantom' (procedural stand-in) or a dataset folder written by `histostudio generate rare` "
-                        "(used by the real part; the phantom part always uses phantom tiles)")
+    p.add_argument("--synthetic-n", type=int, default=48, help="synthetic tiles (generated or phantom)")
+    p.add_argument("--synthetic", default="generated",
+                   help="'generated' (the shipped rare-class generator draws --synthetic-n patches of the scarce "
+                        "class on label maps of the training band, cached under --out), 'phantom' (procedural "
+                        "stand-in) or a dataset folder written by `histostudio generate rare`; used by the real "
+                        "part, the phantom part always uses phantom tiles")
+    p.add_argument("--per-patch", type=int, default=6, help="scarce-class nuclei added to every generated patch")
+    p.add_argument("--generator", default="checkpoints/mask-ldm", help="MaskToImagePipeline folder for 'generated'")
     p.add_argument("--phantom-n", type=int, default=48, help="phantom tiles of part 2 (split 75/25)")
     p.add_argument("--stain-augment", action="store_true", help="add the stain-augmentation variant")
     p.add_argument("--tta-normalize", default=None, help="add baseline + test-time normalization (macenko, ...)")
@@ -157,10 +185,13 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out / part
         print(f"[{part}] {args.seeds} seed(s) x {args.steps} steps -> {out}", flush=True)
         generated = part == "real" and args.synthetic != "phantom"
-        if generated and not Path(args.synthetic).is_dir():
+        synthetic_dir = args.synthetic
+        if generated and args.synthetic == "generated":
+            synthetic_dir = generate_synthetic(args, chosen, syn_n)
+        elif generated and not Path(args.synthetic).is_dir():
             p.error(f"--synthetic {args.synthetic}: no such dataset folder (write one with histostudio generate rare)")
-        synthetic = args.synthetic if generated else {"name": "phantom", "n": syn_n, "seed": 50_000}
-        generated_note = (f"Synthetic tiles: {args.synthetic}, written by the rare-class generator "
+        synthetic = synthetic_dir if generated else {"name": "phantom", "n": syn_n, "seed": 50_000}
+        generated_note = (f"Synthetic tiles: {synthetic_dir}, written by the rare-class generator "
                           "(mask-conditioned diffusion on label maps of the *training* band only); labels are the "
                           "conditioning maps.")
         notes = ([generated_note] if generated else [STAND_IN_NOTE]) if part == "real" else [

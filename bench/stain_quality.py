@@ -66,14 +66,20 @@ def classical(method: str, reference: list[np.ndarray]):
 
 
 def learned(folder: str, reference: list[np.ndarray], steps: int, strength: float, detail: str = "source"):
-    from pipelines.stain_fuser import StainFuserPipeline, reference_statistics
+    from pipelines.stain_fuser import StainFuserPipeline, reference_statistics, reinhard_target
+    from studio.stain.reinhard import ReinhardNormalizer
 
     pipe = StainFuserPipeline.from_pretrained(folder)
     stats = torch.stack([reference_statistics(to_tensor(r)) for r in reference]).mean(0)
 
+    prior_target = reinhard_target(reference) if pipe.prior == "reinhard" else None
+
     def run(src: np.ndarray) -> np.ndarray:
+        # A prior model gets the source statistics the classical methods get: pooled over the
+        # whole held-out set (a slide-level estimate).
+        prior_source = ReinhardNormalizer().estimate(list(src)) if prior_target is not None else None
         out = [pipe(src[i:i + 4], stats, num_inference_steps=steps, strength=strength, detail=detail,
-                    output_type="np").images
+                    output_type="np", prior_target=prior_target, prior_source=prior_source).images
                for i in range(0, len(src), 4)]
         return (np.concatenate(out) * 255 + 0.5).astype(np.uint8)
 

@@ -77,7 +77,8 @@ def mask_agreement(image: np.ndarray, inst: np.ndarray, ring: int = 3, margin: f
     grown = expand_labels(inst, ring)
     band = np.where(inst > 0, 0, grown)
     inside = np.asarray(ndi.mean(h, inst, ids))
-    around = np.asarray(ndi.mean(h, band, ids))
+    with np.errstate(invalid="ignore", divide="ignore"):  # a nucleus with no free ring (packed): NaN, replaced below
+        around = np.asarray(ndi.mean(h, band, ids))
     around = np.where(np.isnan(around), np.median(h), around)
     return float(np.mean(inside > around + margin))
 

@@ -21,6 +21,15 @@ A conditional latent diffusion model renders a source tile in a target stain:
 The same network trained with L1 and no noise is the **one-step regressor**
 (``config.mode = "regressor"``): the baseline the diffusion model has to beat.
 
+**Classical prior** (``config.prior = "reinhard"``): the source is first moved to the
+reference's CIELAB tissue statistics (the studio's tissue-masked Reinhard, fitted on the
+reference tiles), its latent is concatenated as a third input, sampling
+starts from it (not from the source), and the regressor predicts a residual on it. The
+network then learns only what a global colour transfer cannot do (non-linear tone curves,
+per-stain shifts) instead of re-learning colour transfer from scratch; on a whole slide
+the prior uses the slide's pooled source statistics (the transform's ``estimate``), so it is
+one mapping per slide and adds no seams.
+
 Registered as the tile transform ``stainfuser`` (entry point), so ``histostudio normalize
 --method stainfuser --reference REF`` runs it over slide batches with halo cross-fading.
 """
@@ -71,6 +80,57 @@ def reference_statistics(tiles: torch.Tensor) -> torch.Tensor:
     return torch.cat([mean, cov[iu[0], iu[1]] * 4, lab.mean(1), lab.std(1) * 2])
 
 
+PRIORS = ("none", "reinhard")
+
+
+def reference_lab_profile(stats: torch.Tensor):
+    """The CIELAB tissue mean and std held in a :func:`reference_statistics` vector, as a
+    Reinhard :class:`~studio.stain.profile.StainProfile` (the prior's target when only the
+    vector is known; :func:`reinhard_target` on the reference tiles is the exact one)."""
+    from studio.stain.profile import StainProfile
+
+    stats = stats.detach().float().cpu()
+    return StainProfile(method="reinhard", lab_mean=(stats[9:12] * 50).tolist(), lab_std=(stats[12:15] * 25).tolist(),
+                        source="reference statistics")
+
+
+def reinhard_target(reference: torch.Tensor | np.ndarray | list):
+    """The prior's target: :class:`~studio.stain.reinhard.ReinhardNormalizer` fitted on the
+    reference tiles (its tissue rule and background), i.e. exactly the classical Reinhard's."""
+    from studio.stain.reinhard import ReinhardNormalizer
+
+    if isinstance(reference, torch.Tensor):
+        reference = list(reference if reference.ndim == 4 else reference[None])
+    elif isinstance(reference, np.ndarray) and reference.ndim == 3:
+        reference = [reference]
+    return ReinhardNormalizer().fit(list(reference), source="reference")
+
+
+def reinhard_prior(tiles: torch.Tensor, target, source=None) -> torch.Tensor:
+    """``(B, 3, H, W)`` tiles moved to ``target`` by tissue-masked Reinhard
+    (:class:`~studio.stain.reinhard.ReinhardNormalizer`, the classical method itself).
+
+    Args:
+        target: a Reinhard :class:`~studio.stain.profile.StainProfile` (see
+            :func:`reinhard_target`), or one per tile.
+        source: a slide-level Reinhard profile of the source (one mapping for every tile:
+            no per-tile colour jumps); None estimates each tile's own statistics (tiles
+            without usable tissue are left as they are).
+    """
+    from studio.stain.reinhard import ReinhardNormalizer
+
+    tiles = tiles.float()
+    norm = ReinhardNormalizer(device=tiles.device)
+    if not isinstance(target, (list, tuple)):
+        norm.set_target(target)
+        return norm.transform(tiles, source=source)
+    out = torch.empty_like(tiles)
+    for i, profile in enumerate(target):
+        norm.set_target(profile)
+        out[i:i + 1] = norm.transform(tiles[i:i + 1], source=source)
+    return out
+
+
 class ReferenceEncoder(ModelMixin, ConfigMixin):
     """Reference statistics -> the vector added to the UNet's timestep embedding."""
 
@@ -119,18 +179,26 @@ class StainFuserPipeline(LocalPipeline, DiffusionPipeline):
         reference_encoder ([`ReferenceEncoder`]): reference statistics -> timestep-embedding offset.
         scheduler ([`SchedulerMixin`]): DDIM (deterministic with ``eta = 0``).
         mode: "diffusion" or "regressor" (one step, no noise).
+        prior: "none" or "reinhard" (a classical estimate as third input and starting
+            point; the UNet then takes ``3 x latent`` channels).
     """
 
     model_cpu_offload_seq = "reference_encoder->vae->unet"
     required_components = ("vae", "unet", "reference_encoder", "scheduler")
 
     def __init__(self, vae: AutoencoderKL, unet: UNet2DModel, reference_encoder: ReferenceEncoder,
-                 scheduler: KarrasDiffusionSchedulers | SchedulerMixin, mode: str = "diffusion"):
+                 scheduler: KarrasDiffusionSchedulers | SchedulerMixin, mode: str = "diffusion", prior: str = "none"):
         super().__init__()
         if mode not in ("diffusion", "regressor"):
             raise InputError("mode", f"{mode!r}; diffusion or regressor")
+        if prior not in PRIORS:
+            raise InputError("prior", f"{prior!r}; one of {', '.join(PRIORS)}")
+        inputs = (3 if prior != "none" else 2) * vae.config.latent_channels
+        if unet.config.in_channels != inputs:
+            raise WeightsError("unet", f"takes {unet.config.in_channels} input channels; prior={prior!r} with a "
+                                       f"{vae.config.latent_channels}-channel VAE needs {inputs}")
         self.register_modules(vae=vae, unet=unet, reference_encoder=reference_encoder, scheduler=scheduler)
-        self.register_to_config(mode=mode)
+        self.register_to_config(mode=mode, prior=prior)
 
     @property
     def latent_factor(self) -> int:
@@ -140,9 +208,19 @@ class StainFuserPipeline(LocalPipeline, DiffusionPipeline):
     def size_multiple(self) -> int:
         return self.latent_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
 
+    @property
+    def prior(self) -> str:
+        return getattr(self.config, "prior", "none")
+
     def style(self, reference: torch.Tensor | np.ndarray | list) -> torch.Tensor:
         """The style vector ``(1, D)`` of reference tiles (uint8 arrays, float tensors) or of
         precomputed :func:`reference_statistics` ``(15,)``."""
+        stats = self.reference_stats(reference)
+        return self.reference_encoder(stats.to(self.device, self.unet.dtype)[None])
+
+    @staticmethod
+    def reference_stats(reference: torch.Tensor | np.ndarray | list) -> torch.Tensor:
+        """:func:`reference_statistics` ``(15,)`` of reference tiles (passed through when given)."""
         from studio.io import to_tensor
 
         if isinstance(reference, torch.Tensor) and reference.ndim == 1:
@@ -156,12 +234,13 @@ class StainFuserPipeline(LocalPipeline, DiffusionPipeline):
             else:
                 t = reference if isinstance(reference, torch.Tensor) else to_tensor(np.asarray(reference))
                 stats = reference_statistics(t if t.ndim == 4 else t[None])
-        return self.reference_encoder(stats.to(self.device, self.unet.dtype)[None])
+        return stats.float()
 
     @torch.no_grad()
     def __call__(self, images, reference, num_inference_steps: int = 6, strength: float = 0.6, seed: int = 0,
                  origins: list[tuple[int, int]] | None = None, detail: str = "source", output_type: str = "pil",
-                 return_dict: bool = True) -> StainFuserPipelineOutput | tuple:
+                 return_dict: bool = True,
+                 prior_target=None, prior_source=None) -> StainFuserPipelineOutput | tuple:
         r"""Normalize ``images`` (uint8 ``(B, H, W, 3)`` / ``(H, W, 3)`` or float ``(B, 3, H, W)``).
 
         Args:
@@ -173,9 +252,16 @@ class StainFuserPipeline(LocalPipeline, DiffusionPipeline):
                 (``origins``; default (0, 0)), so overlapping slide tiles share it.
             detail: ``"source"`` (default) keeps the source's pixels and takes only their
                 colour from the model (:func:`studio.color.transfer_colour`: the tile VAE
-                would otherwise blur nuclei edges); ``"model"`` returns the decoded output.
+                would otherwise blur nuclei edges; a prior model's *change* to the classical
+                estimate is carried onto that estimate's pixels,
+                :func:`studio.color.transfer_colour_change`); ``"model"`` returns the decoded output.
+            prior_target: with ``prior="reinhard"``, the prior's target profile
+                (:func:`reinhard_target`); None fits it on ``reference`` when that holds
+                tiles, or reads it from the statistics vector (approximate).
+            prior_source: a slide-level Reinhard profile of the source (one prior mapping
+                for all tiles); None uses each tile's own statistics.
         """
-        from studio.color import tissue_mask, transfer_colour
+        from studio.color import tissue_mask, transfer_colour, transfer_colour_change
         from studio.io import to_tensor
 
         if output_type not in ("pil", "np", "pt"):
@@ -198,12 +284,23 @@ class StainFuserPipeline(LocalPipeline, DiffusionPipeline):
         x = x.to(self.device, self.unet.dtype)
         tissue = tissue_mask(x.float())[:, 0].float().mean(dim=(1, 2))
         blank = (tissue < MIN_TISSUE).tolist()
-        style = self.style(reference).expand(b, -1)
+        stats = self.reference_stats(reference)
+        style = self.reference_encoder(stats.to(self.device, self.unet.dtype)[None]).expand(b, -1)
         scale = self.vae.config.scaling_factor
         src = self.vae.encode(x * 2 - 1).latent_dist.mode() * scale
+        cond, start_latent = src, src
+        if self.prior == "reinhard":
+            if prior_target is None:
+                is_stats = isinstance(reference, torch.Tensor) and reference.ndim == 1
+                prior_target = reference_lab_profile(reference) if is_stats else reinhard_target(reference)
+            prior = reinhard_prior(x.float(), prior_target, prior_source).to(x.dtype)
+            start_latent = self.vae.encode(prior * 2 - 1).latent_dist.mode() * scale
+            cond = torch.cat([src, start_latent], 1)
         if self.config.mode == "regressor":
             t0 = torch.zeros(b, device=self.device, dtype=torch.long)
-            latents = self.unet(torch.cat([src, src], 1), t0, class_labels=style).sample
+            latents = self.unet(torch.cat([start_latent, cond], 1), t0, class_labels=style).sample
+            if self.prior != "none":
+                latents = start_latent + latents  # a residual on the classical estimate
         else:
             self.scheduler.set_timesteps(num_inference_steps, device=self.device)
             start = max(1, min(10, int(round(num_inference_steps * strength))))
@@ -212,12 +309,17 @@ class StainFuserPipeline(LocalPipeline, DiffusionPipeline):
             origins = origins or [(0, 0)] * b
             noise = torch.stack([positional_noise(tuple(src.shape[1:]), (oy // f, ox // f), seed)
                                  for oy, ox in origins]).to(src)
-            latents = self.scheduler.add_noise(src, noise, timesteps[:1].repeat(b))
+            latents = self.scheduler.add_noise(start_latent, noise, timesteps[:1].repeat(b))
             for t in timesteps:
-                eps = self.unet(torch.cat([latents, src], 1), t, class_labels=style).sample
+                eps = self.unet(torch.cat([latents, cond], 1), t, class_labels=style).sample
                 latents = self.scheduler.step(eps, t, latents, eta=0.0).prev_sample
         out = ((self.vae.decode(latents / scale).sample + 1) / 2).clamp(0, 1).float()
-        if detail == "source":
+        if detail == "source" and self.prior != "none":
+            # The model's change to the classical estimate, carried onto its pixels: the
+            # decoder's errors are common to both decodes and cancel.
+            before = ((self.vae.decode(start_latent / scale).sample + 1) / 2).clamp(0, 1).float()
+            out = transfer_colour_change(x.float(), prior.float(), before, out)
+        elif detail == "source":
             out = transfer_colour(x.float(), out)
         for i, is_blank in enumerate(blank):
             if is_blank:
@@ -244,16 +346,25 @@ class StainFuserTransform:
 
     def __init__(self, pipe: StainFuserPipeline, reference_stats: torch.Tensor, *, steps: int = 6,
                  strength: float = 0.6, seed: int = 0, halo: int = 32, reference: str = "", checkpoint: str = "",
-                 detail: str = "source"):
+                 detail: str = "source", prior_target=None):
         self.pipe, self.stats, self.steps, self.strength, self.seed, self.halo = (pipe, reference_stats, steps,
                                                                                   strength, seed, halo)
         self.detail = detail
         self.reference, self.checkpoint = reference, checkpoint
+        self.prior_target = prior_target  # the Reinhard prior's target (prior models), fitted on the reference
 
     name = "stainfuser"
 
     def estimate(self, tiles):
-        return None  # the model needs no per-slide source estimate
+        """A slide-level Reinhard source profile for a ``prior="reinhard"`` model (one prior
+        mapping for the whole slide: no per-tile colour jumps); None otherwise, or when the
+        sampled tiles hold too little tissue (then each tile uses its own statistics)."""
+        if self.pipe.prior != "reinhard":
+            return None
+        from studio.stain.reinhard import ReinhardNormalizer
+
+        profile = ReinhardNormalizer().estimate([np.asarray(t) for t in tiles], source="slide sample")
+        return None if profile.fallback else profile
 
     def apply(self, tiles: np.ndarray, source=None, origins: list[tuple[int, int]] | None = None) -> np.ndarray:
         m = self.pipe.size_multiple
@@ -264,11 +375,13 @@ class StainFuserTransform:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             out = self.pipe(padded, self.stats, num_inference_steps=self.steps, strength=self.strength,
-                            seed=self.seed, origins=origins, detail=self.detail, output_type="np").images
+                            seed=self.seed, origins=origins, detail=self.detail, output_type="np",
+                            prior_target=self.prior_target, prior_source=source).images
         return (out[:, :h, :w] * 255 + 0.5).astype(np.uint8)
 
     def describe(self) -> dict[str, Any]:
-        return {"method": "stainfuser", "mode": self.pipe.config.mode, "checkpoint": self.checkpoint,
+        return {"method": "stainfuser", "mode": self.pipe.config.mode, "prior": self.pipe.prior,
+                "checkpoint": self.checkpoint,
                 "reference": self.reference, "steps": self.steps, "strength": self.strength, "seed": self.seed,
                 "halo": self.halo, "detail": self.detail}
 
@@ -291,5 +404,7 @@ def create_tile_transform(reference: str | Path | None = None, device: str | Non
     pipe = StainFuserPipeline.from_pretrained(folder).to(device or "cpu")
     images = load_reference_images(reference)
     stats = torch.stack([reference_statistics(to_tensor(np.ascontiguousarray(im))) for im in images]).mean(0)
+    prior_target = reinhard_target(images) if pipe.prior == "reinhard" else None
     return StainFuserTransform(pipe, stats, steps=steps, strength=strength, seed=seed, halo=halo,
-                               reference=str(reference), checkpoint=str(folder), detail=detail)
+                               reference=str(reference), checkpoint=str(folder), detail=detail,
+                               prior_target=prior_target)

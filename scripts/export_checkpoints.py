@@ -90,7 +90,8 @@ def export_ldm(run: Path) -> Path:
 
 def export_virtual_ihc(runs: Path, stain: str) -> Path:
     """runs/virtual_ihc_<stain> (fast) and, when finished, runs/virtual_ihc_<stain>_diffusion
-    -> one pipeline folder holding both translators (its vae a symlink to ../tile-vae)."""
+    -> one pipeline folder holding both translators (its vae is the diffusion run's: a symlink
+    to ../tile-vae only when it is byte-identical to it)."""
     from pipelines.loading import latent_ddim
     from pipelines.virtual_ihc import VirtualIHCPipeline
 
@@ -103,20 +104,39 @@ def export_virtual_ihc(runs: Path, stain: str) -> Path:
         parts.update(vae=diff.vae, unet=diff.unet, scheduler=latent_ddim(diff.scheduler.config))
         info["diffusion"] = provenance(diff_run, "virtual_ihc", f"virtual_ihc_{stain}_diffusion.yaml")
     dst = ship_pipeline(VirtualIHCPipeline(stain=stain, **parts), CKPT / f"virtual-ihc-{stain}")
+    vae_run = Path(info.get("diffusion", {}).get("config", {}).get("vae", "")).parent
+    if (dst / "vae").is_dir() and not (dst / "vae").is_symlink() and (vae_run / "config.json").is_file():
+        # Its own autoencoder (the tile VAE fine-tuned on H&E + IHC): record how it was made too.
+        info["vae"] = provenance(vae_run, "vae", f"{vae_run.name}.yaml")
     (dst / "training.json").write_text(json.dumps(info, indent=2) + "\n")
     return dst
 
 
-def link_shipped_vae(dst: Path) -> None:
-    """Replace an exported ``vae`` folder by a symlink to ../tile-vae (one copy of the weights in git)."""
-    if (dst / "vae").is_dir() and not (dst / "vae").is_symlink():
-        shutil.rmtree(dst / "vae")
-        os.symlink(os.path.relpath(CKPT / "tile-vae", dst), dst / "vae")
+def link_shipped_vae(dst: Path) -> bool:
+    """Replace an exported ``vae`` folder by a symlink to ../tile-vae (one copy of the weights in
+    git) when it *is* the tile VAE: same weights bytes and the same config apart from local
+    paths. A VAE fine-tuned for the pipeline (the latent IHC translator's H&E + IHC VAE) is
+    kept as its own folder; linking it would silently swap in a VAE the model never saw."""
+    ours, shipped = dst / "vae", CKPT / "tile-vae"
+    if not ours.is_dir() or ours.is_symlink():
+        return False
+
+    def identity(folder: Path) -> tuple[dict, bytes]:
+        config = json.loads((folder / "config.json").read_text())
+        config.pop("_name_or_path", None)
+        return config, (folder / "diffusion_pytorch_model.safetensors").read_bytes()
+
+    if not (shipped / "config.json").is_file() or identity(ours) != identity(shipped):
+        print(f"{ours}: not the shipped tile-vae (weights or config differ); kept as its own folder")
+        return False
+    shutil.rmtree(ours)
+    os.symlink(os.path.relpath(shipped, dst), ours)
+    return True
 
 
 def ship_pipeline(pipe, dst: Path) -> Path:
-    """Write ``pipe`` to ``dst`` as shipped: fp16 weights, ``vae`` a symlink to ../tile-vae,
-    no local paths in its configs."""
+    """Write ``pipe`` to ``dst`` as shipped: fp16 weights, ``vae`` a symlink to ../tile-vae when
+    it is the tile VAE, no local paths in its configs."""
     from pipelines.loading import save_fp16
 
     replace_folder(dst)

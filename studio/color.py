@@ -183,3 +183,25 @@ def transfer_colour(structure: torch.Tensor, colour: torch.Tensor, radius: int =
 
     od = guided_blur(rgb_to_od(structure.float()), rgb_to_od(colour.float()), 2 * radius + 1, eps)
     return od_to_rgb(od.clamp_min(0)).clamp(0, 1)
+
+
+def transfer_colour_change(structure: torch.Tensor, base: torch.Tensor, before: torch.Tensor, after: torch.Tensor,
+                           radius: int = 16, eps: float = 1e-4) -> torch.Tensor:
+    """``base`` with the local colour change from ``before`` to ``after`` added, in optical
+    density, through the same guided filter as :func:`transfer_colour` (guide: ``structure``).
+
+    Why: when a model refines a classical estimate (``base``) in latent space, ``before`` is
+    that estimate decoded and ``after`` the model's output decoded; the decoder's own colour
+    and blur errors are common to both and cancel, so an unchanged latent returns ``base``
+    exactly and only what the model changed is transferred.
+
+    Args:
+        structure: ``(B, 3, H, W)`` RGB guide in [0, 1] (the source tile).
+        base: the estimate to correct, RGB in [0, 1], same shape.
+        before, after: the estimate and the model output as decoded, RGB in [0, 1].
+    """
+    from kornia.filters import guided_blur
+
+    change = guided_blur(rgb_to_od(structure.float()), rgb_to_od(after.float()) - rgb_to_od(before.float()),
+                         2 * radius + 1, eps)
+    return od_to_rgb((rgb_to_od(base.float()) + change).clamp_min(0)).clamp(0, 1)

@@ -39,6 +39,13 @@ def _process_umask() -> int:
 _UMASK = _process_umask()
 
 
+def default_mode(*, folder: bool = False) -> int:
+    """The permission bits a plain ``open()`` / ``mkdir()`` would give under this process'
+    umask: temporary files and folders (mkstemp 0600, mkdtemp 0700) get them before they are
+    renamed onto their target, so atomic writes do not make outputs private."""
+    return (0o777 if folder else 0o666) & ~_UMASK
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; rename it onto ``target`` on success.
@@ -59,7 +66,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         # mkstemp creates the file 0600; give the result the mode a plain open() would.
-        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.chmod(tmp, default_mode())
         os.replace(tmp, target)
     except OSError as exc:
         tmp.unlink(missing_ok=True)

@@ -79,3 +79,22 @@ def test_transfer_colour_restores_sharp_structure_in_the_new_colours():
     assert float(ssim(out, shifted)) > 0.93 > float(ssim(blurred, shifted)) + 0.15  # measured 0.937 vs 0.720
     assert float(ciede2000(out, shifted).mean()) < 0.8 * float(ciede2000(blurred, shifted).mean())  # 2.52 vs 3.41
     torch.testing.assert_close(transfer_colour(tile, tile), tile, atol=2e-2, rtol=0)
+
+
+def test_transfer_colour_change_carries_only_what_the_model_changed():
+    """A model refining a classical estimate: an unchanged (decoded) output returns the
+    estimate's own pixels, whatever the decoder did to both; a real change comes through."""
+    from kornia.filters import gaussian_blur2d
+
+    from studio.color import transfer_colour_change
+    from studio.data.stain_pairs import apply_known_shift
+    from studio.metrics import ciede2000
+
+    source = to_tensor(np.ascontiguousarray(load_sample("tiatoolbox_target")[:128, :128]))
+    estimate = apply_known_shift(source, "lab-a")
+    decoded = gaussian_blur2d(estimate, (9, 9), (2.0, 2.0))  # what a small VAE does to it
+    torch.testing.assert_close(transfer_colour_change(source, estimate, decoded, decoded), estimate,
+                               atol=1 / 255 + 1e-6, rtol=0)  # OD clamps at glass-white: at most 1 grey level
+    better = apply_known_shift(source, "lab-b")  # the model moved the colours to another stain
+    out = transfer_colour_change(source, estimate, decoded, gaussian_blur2d(better, (9, 9), (2.0, 2.0)))
+    assert float(ciede2000(out, better).mean()) < 0.5 * float(ciede2000(estimate, better).mean())

@@ -112,3 +112,15 @@ def test_atomic_writes_get_the_mode_a_plain_open_would(tmp_path):
     expected = os.stat(plain).st_mode & 0o777
     assert os.stat(tmp_path / "atomic.txt").st_mode & 0o777 == expected
     assert os.stat(tmp_path / "tile.png").st_mode & 0o777 == expected
+
+
+def test_atomic_folders_get_the_mode_a_plain_mkdir_would(tmp_path):
+    """Datasets are written into a mkdtemp folder (0700) and renamed: others must still read them."""
+    import os
+
+    from studio.data.base import atomic_folder
+
+    (tmp_path / "plain").mkdir()
+    with atomic_folder(tmp_path / "dataset") as tmp:
+        (tmp / "x.txt").write_text("x")
+    assert os.stat(tmp_path / "dataset").st_mode & 0o777 == os.stat(tmp_path / "plain").st_mode & 0o777

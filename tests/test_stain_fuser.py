@@ -12,9 +12,13 @@ from typer.testing import CliRunner
 from pipelines.stain_fuser import (
     ReferenceEncoder,
     StainFuserPipeline,
+    StainFuserTransform,
     create_tile_transform,
     positional_noise,
+    reference_lab_profile,
     reference_statistics,
+    reinhard_prior,
+    reinhard_target,
 )
 from studio.cli import app
 from studio.data.samples import load_sample
@@ -23,17 +27,18 @@ from studio.errors import HistostudioError, InputError
 from studio.io import read_image, to_tensor, write_image
 
 
-def tiny_fuser(mode: str = "diffusion") -> StainFuserPipeline:
+def tiny_fuser(mode: str = "diffusion", prior: str = "none") -> StainFuserPipeline:
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DModel
 
     torch.manual_seed(0)
     vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                         block_out_channels=(8, 8), latent_channels=4, norm_num_groups=4, layers_per_block=1)
-    unet = UNet2DModel(sample_size=16, in_channels=8, out_channels=4, block_out_channels=(16, 16),
+    inputs = 12 if prior != "none" else 8
+    unet = UNet2DModel(sample_size=16, in_channels=inputs, out_channels=4, block_out_channels=(16, 16),
                        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
                        norm_num_groups=4, layers_per_block=1, class_embed_type="identity", time_embedding_dim=32)
     return StainFuserPipeline(vae=vae, unet=unet, reference_encoder=ReferenceEncoder(embed_dim=32),
-                              scheduler=DDIMScheduler(num_train_timesteps=100), mode=mode)
+                              scheduler=DDIMScheduler(num_train_timesteps=100), mode=mode, prior=prior)
 
 
 @pytest.fixture(scope="module")
@@ -135,14 +140,18 @@ def test_training_recipes_run_and_resume(tmp_path, bank_size):
 
     from training.stain_fuser import main
 
-    for name in ("stain_fuser", "stain_fuser_regressor"):
+    # The prior recipes (a bank by design) run in the bank case only.
+    names = ("stain_fuser", "stain_fuser_regressor") + (("stain_fuser_regressor_prior", "stain_fuser_prior")
+                                                         if bank_size else ())
+    for name in names:
         cfg = yaml.safe_load(open(f"training/recipes/{name}.yaml"))
         cfg.update(output_dir=str(tmp_path / name), crop_size=64, batch_size=2, max_steps=2, validate_every=2,
                    checkpoint_every=1, val_pairs=2, unet_channels=[32, 32, 32], style_dim=64, inference_steps=2,
                    bank_size=bank_size)
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
         final = main(["--config", str(tmp_path / f"{name}.yaml")])
-        assert StainFuserPipeline.from_pretrained(final).config.mode == cfg["mode"]
+        loaded = StainFuserPipeline.from_pretrained(final)
+        assert loaded.config.mode == cfg["mode"] and loaded.prior == cfg.get("prior", "none")
         rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         assert {"val_ciede2000", "val_ssim"} <= set(rows[-1])
     main(["--config", str(tmp_path / "stain_fuser.yaml"), "--resume", "latest", "--max-steps", "3"])
@@ -163,7 +172,8 @@ def test_pair_bank_holds_the_recipe_pairs_encoded():
 
     from pipelines.encoders import load_model_folder
     from studio.data.splits import regions
-    from training.stain_fuser import PairBank, StainFuserConfig, pair_batch
+    from studio.stain.reinhard import ReinhardNormalizer
+    from training.stain_fuser import PairBank, StainFuserConfig, pair_batch, source_profile
 
     vae = load_model_folder(AutoencoderKL, "checkpoints/tile-vae").eval()
     train = regions("train")
@@ -175,5 +185,67 @@ def test_pair_bank_holds_the_recipe_pairs_encoded():
         expected = vae.encode(tgt * 2 - 1).latent_dist.mode() * vae.config.scaling_factor
     torch.testing.assert_close(bank.parts["target"][2], expected[0])
     torch.testing.assert_close(bank.parts["stats"][2], reference_statistics(ref[:1]))
-    s, t, st = bank.batch(4, torch.Generator().manual_seed(0))
-    assert s.shape == t.shape == (4, 4, 16, 16) and st.shape == (4, 15)
+    batch = bank.batch(4, torch.Generator().manual_seed(0))
+    assert set(batch) == {"source", "target", "stats"}
+    assert batch["source"].shape == batch["target"].shape == (4, 4, 16, 16) and batch["stats"].shape == (4, 15)
+
+    prior_cfg = replace(cfg, prior="reinhard")
+    with_prior = PairBank(vae, list(train.values()), list(train), 3, prior_cfg, "cpu", chunk=2)
+    src2, tgt2, ref2, context = pair_batch(list(train.values()), list(train), 50_000_002,
+                                           replace(prior_cfg, batch_size=1))
+    # the second view changes nothing about the pair itself
+    torch.testing.assert_close(src2, src)
+    torch.testing.assert_close(tgt2, tgt)
+    torch.testing.assert_close(ref2, ref)
+    with torch.no_grad():
+        pooled = source_profile(ReinhardNormalizer(), [src[0], context[0]])
+        prior = reinhard_prior(src, reinhard_target(ref[0]), pooled)
+        expected = vae.encode(prior * 2 - 1).latent_dist.mode() * vae.config.scaling_factor
+    torch.testing.assert_close(with_prior.parts["prior"][2], expected[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(with_prior.parts["target"][2], bank.parts["target"][2])
+
+
+def test_reinhard_prior_is_the_classical_reinhard():
+    """The prior is the studio's tissue-masked Reinhard fitted on the reference tiles."""
+    from studio.stain import get_normalizer
+
+    tile = to_tensor(np.ascontiguousarray(load_sample("hgsc_nest")[:128, :128]))
+    reference = apply_known_shift(to_tensor(np.ascontiguousarray(load_sample("hgsc_nest")[200:328, :128])),
+                                  next(iter(KNOWN_SHIFTS)))
+    classical = get_normalizer("reinhard")
+    classical.fit(list(reference))
+    torch.testing.assert_close(reinhard_prior(tile, reinhard_target(reference)), classical.transform(tile))
+    two = reinhard_prior(tile.repeat(2, 1, 1, 1), [reinhard_target(reference)] * 2)
+    torch.testing.assert_close(two[1], classical.transform(tile)[0])
+    # The statistics vector holds the same kind of target (LAB mean / std; another tissue rule).
+    approx = reference_lab_profile(reference_statistics(reference))
+    assert np.allclose(approx.lab_mean, reinhard_target(reference).lab_mean, atol=8)
+
+
+def test_prior_regressor_is_a_residual_on_the_classical_estimate():
+    """With a zero residual the regressor returns the prior's latent decoded; the slide
+    transform hands it one source profile per slide."""
+    from diffusers import DDIMScheduler
+
+    pipe = tiny_fuser("regressor", prior="reinhard")
+    torch.nn.init.zeros_(pipe.unet.conv_out.weight)
+    torch.nn.init.zeros_(pipe.unet.conv_out.bias)
+    tile = np.ascontiguousarray(load_sample("hgsc_nest")[:64, :64])
+    stats = reference_statistics(to_tensor(np.ascontiguousarray(load_sample("skin")[:128, :128])))
+    skin = np.ascontiguousarray(load_sample("skin")[:128, :128])
+    out = pipe(tile, [skin], detail="model", output_type="pt").images
+    with torch.no_grad():
+        prior = reinhard_prior(to_tensor(tile), reinhard_target([skin]))
+        latent = pipe.vae.encode(prior * 2 - 1).latent_dist.mode()
+        expected = ((pipe.vae.decode(latent).sample + 1) / 2).clamp(0, 1)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+    assert pipe.config.prior == "reinhard"
+    transform = StainFuserTransform(pipe, stats, steps=2)
+    transform.prior_target = reinhard_target([skin])
+    slide = transform.estimate([np.ascontiguousarray(load_sample("hgsc_nest")[y:y + 64, :64]) for y in (0, 64)])
+    assert slide is not None and slide.method == "reinhard"
+    assert transform.apply(tile[None], slide).shape == (1, 64, 64, 3)
+    assert transform.estimate([np.full((64, 64, 3), 250, np.uint8)]) is None  # glass: each tile its own
+    with pytest.raises(HistostudioError, match="takes 8 input channels; prior='reinhard'"):
+        StainFuserPipeline(vae=pipe.vae, unet=tiny_fuser().unet, reference_encoder=pipe.reference_encoder,
+                           scheduler=DDIMScheduler(num_train_timesteps=100), mode="regressor", prior="reinhard")

@@ -148,7 +148,7 @@ def test_diffusion_recipe_trains_from_cached_latents_and_resumes(tmp_path):
     recipe = yaml.safe_load(open("training/recipes/virtual_ihc_her2_diffusion.yaml"))
     recipe.update(output_dir=str(tmp_path / "run"), phantom_pairs=2, real_pairs=False, pair_size=96, crop_size=64,
                   batch_size=2, max_steps=2, validate_every=2, checkpoint_every=1, val_pairs=2, unet_channels=[32, 32],
-                  inference_steps=2)
+                  inference_steps=2, vae="checkpoints/tile-vae")  # the recipe's H&E + IHC VAE is a run output
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     final = main(["--config", str(tmp_path / "r.yaml")])
     assert VirtualIHCPipeline.from_pretrained(final).models == ["diffusion"]

@@ -14,6 +14,10 @@ concatenated and the reference statistics as the class embedding; EMA. ``mode:
 regressor``: the same network with timestep 0 predicts the target latent directly, L1 loss
 -- the one-step baseline. Both save a pipeline folder; validation on held-out crops reports
 CIEDE2000 and SSIM to the truth.
+
+``prior: reinhard``: the source moved to the reference's CIELAB statistics
+(:func:`pipelines.stain_fuser.reinhard_prior`) is encoded as a third input; the regressor
+learns a residual on it (recipes ``stain_fuser_prior.yaml``, ``stain_fuser_regressor_prior.yaml``).
 """
 
 from __future__ import annotations
@@ -66,16 +70,18 @@ class StainFuserConfig:
     # > 0: make and encode this many pairs once (source latent, target latent, reference
     # statistics) and draw batches from them; 0 makes and encodes fresh pairs every step
     bank_size: int = 0
+    prior: str = "none"  # none | reinhard (see pipelines.stain_fuser)
 
 
 def pair_batch(images: list[np.ndarray], names: list[str], step: int, cfg: StainFuserConfig):
     from studio.data.stain_pairs import make_pairs
     from studio.io import to_tensor
 
+    context = cfg.prior != "none"  # the prior's source statistics pool the pair's second view
     pairs = make_pairs(images, cfg.batch_size, cfg.crop_size, seed=cfg.seed * 1_000_003 + step,
-                       real_target=cfg.real_target, tone_prob=cfg.tone_prob, names=names)
-    stack = [to_tensor(np.stack([getattr(p, side) for p in pairs])) for side in ("source", "target", "reference")]
-    return stack
+                       real_target=cfg.real_target, tone_prob=cfg.tone_prob, names=names, source_context=context)
+    sides = ("source", "target", "reference") + (("source_context",) if context else ())
+    return [to_tensor(np.stack([getattr(p, side) for p in pairs])) for side in sides]
 
 
 def held_out_pairs(cfg: StainFuserConfig):
@@ -83,7 +89,8 @@ def held_out_pairs(cfg: StainFuserConfig):
     from studio.data.stain_pairs import make_pairs
 
     r = regions("heldout")
-    return make_pairs(list(r.values()), cfg.val_pairs, cfg.crop_size, seed=777_777, names=list(r))
+    return make_pairs(list(r.values()), cfg.val_pairs, cfg.crop_size, seed=777_777, names=list(r),
+                      source_context=cfg.prior != "none")
 
 
 class PairBank:
@@ -97,23 +104,65 @@ class PairBank:
 
         from pipelines.stain_fuser import reference_statistics
 
-        scale = vae.config.scaling_factor
-        parts: dict[str, list[torch.Tensor]] = {"source": [], "target": [], "stats": []}
+        parts: dict[str, list[torch.Tensor]] = {}
         for i in range(0, size, chunk):
-            src, tgt, ref = (t.to(device) for t in pair_batch(images, names, 50_000_000 + i,
-                                                              replace(cfg, batch_size=min(chunk, size - i))))
+            src, tgt, ref, *context = (t.to(device) for t in pair_batch(
+                images, names, 50_000_000 + i, replace(cfg, batch_size=min(chunk, size - i))))
             with torch.no_grad():
-                parts["stats"].append(torch.stack([reference_statistics(r[None]) for r in ref]).cpu())
-                parts["source"].append((vae.encode(src * 2 - 1).latent_dist.mode() * scale).cpu())
-                parts["target"].append((vae.encode(tgt * 2 - 1).latent_dist.mode() * scale).cpu())
+                stats = torch.stack([reference_statistics(r[None]) for r in ref])
+                for name, value in encode_pair(vae, src, tgt, ref, stats, cfg.prior, *context).items():
+                    parts.setdefault(name, []).append(value.cpu())
         self.parts = {k: torch.cat(v) for k, v in parts.items()}
 
     def __len__(self) -> int:
         return len(self.parts["source"])
 
-    def batch(self, batch_size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def batch(self, batch_size: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
         idx = torch.randint(0, len(self), (batch_size,), generator=gen)
-        return self.parts["source"][idx], self.parts["target"][idx], self.parts["stats"][idx]
+        return {name: value[idx] for name, value in self.parts.items()}
+
+
+def prior_target(ref: torch.Tensor, stats: torch.Tensor):
+    """Reinhard fitted on one reference crop; a crop too bare to fit falls back to the LAB
+    statistics in its reference vector."""
+    from pipelines.stain_fuser import reference_lab_profile, reinhard_target
+    from studio.errors import InputError
+
+    try:
+        return reinhard_target(ref)
+    except InputError:
+        return reference_lab_profile(stats)
+
+
+def source_profile(norm, views: list[torch.Tensor]):
+    """Reinhard source statistics pooled over ``views`` of one source; None (per-tile
+    estimate) when they hold too little tissue."""
+    profile = norm.estimate(views, source="source views")
+    return None if profile.fallback else profile
+
+
+@torch.no_grad()
+def encode_pair(vae, src: torch.Tensor, tgt: torch.Tensor, ref: torch.Tensor, stats: torch.Tensor, prior: str,
+                context: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """One training batch in latent space: source, target and (with a prior) the classical
+    estimate's latents, plus the reference statistics. The prior is Reinhard fitted on each
+    pair's reference crop, with source statistics pooled over the source crop and its
+    ``context`` view (the same stain on another crop), as a slide job pools a slide's."""
+    from pipelines.stain_fuser import reinhard_prior
+
+    scale = vae.config.scaling_factor
+    batch = {"source": vae.encode(src * 2 - 1).latent_dist.mode() * scale,
+             "target": vae.encode(tgt * 2 - 1).latent_dist.mode() * scale, "stats": stats}
+    if prior == "reinhard":
+        from studio.stain.reinhard import ReinhardNormalizer
+
+        others = list(context) if context is not None else [None] * len(src)
+        views = [[s] if c is None else [s, c] for s, c in zip(src, others, strict=True)]
+        estimate = torch.cat([
+            reinhard_prior(s[None], prior_target(r, st), source_profile(ReinhardNormalizer(), v))
+            for s, r, st, v in zip(src, ref, stats, views, strict=True)])
+        batch["prior"] = vae.encode(estimate * 2 - 1).latent_dist.mode() * scale
+    return batch
 
 
 @torch.no_grad()
@@ -123,8 +172,14 @@ def evaluate(pipe, pairs, cfg: StainFuserConfig, out_png: Path | None = None) ->
 
     src = np.stack([p.source for p in pairs])
     truth = to_tensor(np.stack([p.target for p in pairs]))
+    from studio.stain.reinhard import ReinhardNormalizer
+
+    norm = ReinhardNormalizer()
+    sources = [source_profile(norm, [to_tensor(p.source)[0], to_tensor(p.source_context)[0]])
+               if p.source_context is not None else None for p in pairs]
     preds = [pipe(src[i:i + 1], [pairs[i].reference], num_inference_steps=cfg.inference_steps,
-                  strength=cfg.strength, output_type="pt").images for i in range(len(pairs))]
+                  strength=cfg.strength, output_type="pt", prior_source=sources[i]).images
+             for i in range(len(pairs))]
     pred = torch.cat(preds)
     metrics = {"ciede2000": float(ciede2000(pred, truth).mean()), "ssim": float(ssim(pred, truth).mean()),
                "ciede2000_source": float(ciede2000(to_tensor(src), truth).mean())}
@@ -158,6 +213,8 @@ def main(argv: list[str] | None = None) -> Path:
                                                       "threads": args.threads})
     if cfg.mode not in ("diffusion", "regressor"):
         raise ValueError(f"mode must be diffusion or regressor, got {cfg.mode!r}")
+    if cfg.prior not in ("none", "reinhard"):
+        raise ValueError(f"prior must be none or reinhard, got {cfg.prior!r}")
     torch.set_num_threads(cfg.threads)
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -178,11 +235,17 @@ def main(argv: list[str] | None = None) -> Path:
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     latent = vae.config.latent_channels
     n = len(cfg.unet_channels)
-    unet = UNet2DModel(sample_size=cfg.crop_size // factor, in_channels=2 * latent, out_channels=latent,
+    inputs = (3 if cfg.prior != "none" else 2) * latent
+    unet = UNet2DModel(sample_size=cfg.crop_size // factor, in_channels=inputs, out_channels=latent,
                        block_out_channels=tuple(cfg.unet_channels), layers_per_block=1,
                        down_block_types=("DownBlock2D",) * (n - 1) + ("AttnDownBlock2D",),
                        up_block_types=("AttnUpBlock2D",) + ("UpBlock2D",) * (n - 1), norm_num_groups=32,
                        class_embed_type="identity", time_embedding_dim=cfg.style_dim)
+    if cfg.prior != "none" and cfg.mode == "regressor":
+        # A residual on the prior that starts at zero: the untrained model *is* the classical
+        # estimate, and training can only move it where the loss says it is wrong.
+        torch.nn.init.zeros_(unet.conv_out.weight)
+        torch.nn.init.zeros_(unet.conv_out.bias)
     encoder = ReferenceEncoder(embed_dim=cfg.style_dim)
     model = StyledUNet(unet, encoder)
     noise_scheduler = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule)
@@ -195,33 +258,38 @@ def main(argv: list[str] | None = None) -> Path:
     train = regions("train")
     images, names = list(train.values()), list(train)
     val = held_out_pairs(cfg)
-    scale = vae.config.scaling_factor
     log = MetricsLog(out)
 
     def pipeline(m):
         sch = latent_ddim(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule)
-        return StainFuserPipeline(vae=vae, unet=m.unet, reference_encoder=m.encoder, scheduler=sch, mode=cfg.mode)
+        return StainFuserPipeline(vae=vae, unet=m.unet, reference_encoder=m.encoder, scheduler=sch, mode=cfg.mode,
+                                  prior=cfg.prior)
 
     bank = PairBank(vae, images, names, cfg.bank_size, cfg, accelerator.device) if cfg.bank_size > 0 else None
     for step in range(start, cfg.max_steps):
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         if bank is not None:
-            src_lat, tgt_lat, stats = (t.to(accelerator.device) for t in bank.batch(cfg.batch_size, gen))
+            batch = {k: v.to(accelerator.device) for k, v in bank.batch(cfg.batch_size, gen).items()}
         else:
-            src, tgt, ref = (t.to(accelerator.device) for t in pair_batch(images, names, step, cfg))
+            src, tgt, ref, *context = (t.to(accelerator.device) for t in pair_batch(images, names, step, cfg))
             with torch.no_grad():
                 stats = torch.stack([reference_statistics(r[None]) for r in ref])
-                src_lat = vae.encode(src * 2 - 1).latent_dist.mode() * scale
-                tgt_lat = vae.encode(tgt * 2 - 1).latent_dist.mode() * scale
+            batch = encode_pair(vae, src, tgt, ref, stats, cfg.prior, *context)
+        src_lat, tgt_lat, stats = batch["source"], batch["target"], batch["stats"]
+        # As in StainFuserPipeline.__call__: the condition is the source (and the prior), the
+        # regressor's input the prior when there is one, and its output a residual on it.
+        start = batch.get("prior", src_lat)
+        cond = torch.cat([src_lat, batch["prior"]], 1) if "prior" in batch else src_lat
         with accelerator.accumulate(model):
             if cfg.mode == "regressor":
                 t0 = torch.zeros(len(src_lat), dtype=torch.long, device=src_lat.device)
-                loss = F.l1_loss(model(torch.cat([src_lat, src_lat], 1), t0, stats), tgt_lat)
+                pred = model(torch.cat([start, cond], 1), t0, stats)
+                loss = F.l1_loss(pred + start if "prior" in batch else pred, tgt_lat)
             else:
                 noise = torch.randn(tgt_lat.shape, generator=gen).to(tgt_lat)
                 t = torch.randint(0, cfg.num_train_timesteps, (len(src_lat),), generator=gen).to(src_lat.device)
                 noisy = noise_scheduler.add_noise(tgt_lat, noise, t)
-                loss = F.mse_loss(model(torch.cat([noisy, src_lat], 1), t, stats), noise)
+                loss = F.mse_loss(model(torch.cat([noisy, cond], 1), t, stats), noise)
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()

@@ -44,7 +44,7 @@ import torch
 from torch.utils.data import Dataset
 
 from studio.errors import InputError, OutputError
-from studio.io import atomic_write_text, load_npy, to_tensor
+from studio.io import atomic_write_text, default_mode, load_npy, to_tensor
 
 Meta = dict[str, Any]
 
@@ -334,6 +334,8 @@ def atomic_folder(target: str | Path, *, overwrite: bool = False) -> Iterator[Pa
         raise OutputError(target, f"cannot write here ({exc.strerror or exc})") from exc
     try:
         yield tmp
+        # mkdtemp creates the folder 0700; give the result the mode a plain mkdir() would.
+        os.chmod(tmp, default_mode(folder=True))
         old = None
         if target.exists():
             if not overwrite:

@@ -40,6 +40,9 @@ class StainPair:
     target: np.ndarray
     reference: np.ndarray
     meta: dict[str, Any] = field(default_factory=dict)
+    # The reference crop rendered in the *source's* stain (``make_pairs(source_context=True)``):
+    # a second view of the source "slide", for slide-level source statistics.
+    source_context: np.ndarray | None = None
 
 
 # --------------------------------------------------------------------------- renders
@@ -119,12 +122,15 @@ def apply_known_shift(tiles: torch.Tensor, name: str) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- pairs
 def make_pairs(images: Sequence[np.ndarray], n: int, size: int, *, seed: int = 0, real_target: float = 0.3,
-               tone_prob: float = 0.5, names: Sequence[str] | None = None) -> list[StainPair]:
+               tone_prob: float = 0.5, names: Sequence[str] | None = None,
+               source_context: bool = False) -> list[StainPair]:
     """``n`` pairs from random tissue crops of ``images`` (uint8 RGB), see the module docstring.
 
     ``real_target``: share of pairs whose target is the untouched real crop; otherwise the
     target is another random stain. ``tone_prob``: share of sources that also get a
-    scanner-like tone change.
+    scanner-like tone change. ``source_context``: also render the reference crop in the
+    source's stain and tone (``pair.source_context``); the pairs themselves are unchanged
+    (the same random draws: a stain or tone is one draw per batch of tiles).
     """
     from studio.data.splits import tissue_fraction
     from studio.io import to_tensor, to_uint8
@@ -157,12 +163,14 @@ def make_pairs(images: Sequence[np.ndarray], n: int, size: int, *, seed: int = 0
         else:
             target_pair, params = random_restain(tiles, gen)
             meta["target"] = f"restain {params}"
-        source, params = random_restain(tiles[:1], gen)
+        source, params = random_restain(tiles if source_context else tiles[:1], gen)
         meta["source"] = f"restain {params}"
         if rng.random() < tone_prob:
             source, tone = random_tone(source, gen)
             meta["source"] += f"; tone {tone}"
-        pairs.append(StainPair(to_uint8(source)[0], to_uint8(target_pair[:1])[0], to_uint8(target_pair[1:])[0], meta))
+        source = to_uint8(source)
+        pairs.append(StainPair(source[0], to_uint8(target_pair[:1])[0], to_uint8(target_pair[1:])[0], meta,
+                               source[1] if source_context else None))
     return pairs
 
 
