@@ -957,6 +957,28 @@ def detection_f1(
             "tp": tp, "fp": fp, "fn": fn}
 
 
+def _matched_nuclei(true_inst: np.ndarray, true_cls: np.ndarray, pred_inst: np.ndarray,
+                    pred_cls: np.ndarray | None, radius: float) -> dict[str, Any]:
+    """Nuclei of two label maps matched one-to-one by centroid within ``radius``, with the
+    class of every nucleus (``pred_class`` None without ``pred_cls``)."""
+    true_inst = _as_label_map(true_inst, "true_inst")
+    pred_inst = _as_label_map(pred_inst, "pred_inst")
+    _check_same_shape(true_inst, pred_inst, "true_inst", "pred_inst")
+    t_ids, t_pts = instance_centroids(true_inst)
+    p_ids, p_pts = instance_centroids(pred_inst)
+    mt, mp = _match_points(t_pts, p_pts, float(radius))
+
+    def class_of(inst: np.ndarray, cls: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        lut = np.zeros(int(inst.max(initial=0)) + 1, dtype=np.int64)
+        fg = inst > 0
+        lut[inst[fg]] = np.asarray(cls)[fg]
+        return lut[ids]
+
+    return {"true_inst": true_inst, "pred_inst": pred_inst, "true_points": t_pts, "pred_points": p_pts,
+            "true_matched": mt, "pred_matched": mp, "true_class": class_of(true_inst, true_cls, t_ids),
+            "pred_class": class_of(pred_inst, pred_cls, p_ids) if pred_cls is not None else None}
+
+
 def mask_fidelity(
     true_inst: np.ndarray,
     true_cls: np.ndarray,
@@ -976,22 +998,10 @@ def mask_fidelity(
     Returns:
         ``dict(f1, precision, recall, dice, n_true, n_pred, per_class={c: {n, recall, f1}})``.
     """
-    true_inst = _as_label_map(true_inst, "true_inst")
-    pred_inst = _as_label_map(pred_inst, "pred_inst")
-    _check_same_shape(true_inst, pred_inst, "true_inst", "pred_inst")
-    t_ids, t_pts = instance_centroids(true_inst)
-    p_ids, p_pts = instance_centroids(pred_inst)
-    mt, mp = _match_points(t_pts, p_pts, float(radius))
-    det = detection_f1(t_pts, p_pts, radius)
-
-    def class_of(inst: np.ndarray, cls: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        lut = np.zeros(int(inst.max(initial=0)) + 1, dtype=np.int64)
-        fg = inst > 0
-        lut[inst[fg]] = np.asarray(cls)[fg]
-        return lut[ids]
-
-    t_class = class_of(true_inst, np.asarray(true_cls), t_ids)
-    p_class = class_of(pred_inst, np.asarray(pred_cls), p_ids) if pred_cls is not None else None
+    m = _matched_nuclei(true_inst, true_cls, pred_inst, pred_cls, radius)
+    t_class, p_class, mt, mp = m["true_class"], m["pred_class"], m["true_matched"], m["pred_matched"]
+    det = detection_f1(m["true_points"], m["pred_points"], radius)
+    true_inst, pred_inst = m["true_inst"], m["pred_inst"]
     per_class: dict[int, dict[str, float]] = {}
     for c in range(1, num_classes + 1):
         n = int((t_class == c).sum())
@@ -1003,12 +1013,42 @@ def mask_fidelity(
             row["f1"] = 2 * tp / (2 * tp + fp + fn) if n else float("nan")
         per_class[c] = row
     return {"f1": det["f1"], "precision": det["precision"], "recall": det["recall"],
-            "dice": dice(true_inst > 0, pred_inst > 0), "n_true": len(t_ids), "n_pred": len(p_ids),
+            "dice": dice(true_inst > 0, pred_inst > 0), "n_true": len(t_class), "n_pred": len(m["pred_points"]),
             "per_class": per_class}
+
+
+def detection_confusion(
+    true_inst: np.ndarray,
+    true_cls: np.ndarray,
+    pred_inst: np.ndarray,
+    pred_cls: np.ndarray,
+    num_classes: int = 5,
+    radius: float = 8.0,
+) -> np.ndarray:
+    """Class confusion of nuclei matched one-to-one by centroid within ``radius`` px.
+
+    Returns an ``(K + 1, K + 1)`` int64 matrix: ``[t, p]`` counts true class ``t`` nuclei
+    matched to a nucleus predicted as ``p`` (codes ``1..K``); row 0 holds unmatched
+    predictions (false detections, by predicted class), column 0 unmatched true nuclei
+    (missed, by true class). Matrices of many tiles add up, so pooled recall
+    (``1 - M[t, 0] / M[t].sum()``) and typing accuracy among detected nuclei
+    (``M[t, t] / M[t, 1:].sum()``) come from one sum.
+    """
+    m = _matched_nuclei(true_inst, true_cls, pred_inst, pred_cls, radius)
+    mt, mp = m["true_matched"], m["pred_matched"]
+    t_class, p_class = (np.clip(m[k], 0, num_classes) for k in ("true_class", "pred_class"))
+    out = np.zeros((num_classes + 1, num_classes + 1), dtype=np.int64)
+    np.add.at(out, (t_class[mt], p_class[mp]), 1)
+    missed = np.setdiff1d(np.arange(len(t_class)), mt)
+    false = np.setdiff1d(np.arange(len(p_class)), mp)
+    np.add.at(out, (t_class[missed], 0), 1)
+    np.add.at(out, (0, p_class[false]), 1)
+    return out
 
 
 __all__ = [
     "InstancePairs",
+    "detection_confusion",
     "binary_pq_dataset",
     "ciede2000",
     "ciede2000_map",

@@ -609,6 +609,34 @@ def test_mask_fidelity_per_class_recall_and_f1():
     assert mask_fidelity(true, cls, true)["f1"] == 1.0
 
 
+def test_detection_confusion_counts_typing_misses_and_false_detections():
+    """The same maps as above as a confusion matrix: rows true class (0 = false detection),
+    columns predicted class (0 = missed); matrices of tiles add up."""
+    from studio.metrics import detection_confusion
+
+    true = np.zeros((40, 40), np.int32)
+    cls = np.zeros((40, 40), np.uint8)
+    true[2:8, 2:8], cls[2:8, 2:8] = 1, 4
+    true[2:8, 20:26], cls[2:8, 20:26] = 2, 4
+    true[20:26, 2:8], cls[20:26, 2:8] = 3, 2
+    pred = np.zeros_like(true)
+    pred_cls = np.zeros_like(cls)
+    pred[3:8, 2:8], pred_cls[3:8, 2:8] = 1, 4
+    pred[2:8, 21:26], pred_cls[2:8, 21:26] = 2, 2
+    pred[30:36, 30:36], pred_cls[30:36, 30:36] = 3, 2
+    m = detection_confusion(true, cls, pred, pred_cls, num_classes=5)
+    expected = np.zeros((6, 6), np.int64)
+    expected[4, 4] = 1  # dead found, typed dead
+    expected[4, 2] = 1  # dead found, called inflammatory
+    expected[2, 0] = 1  # inflammatory missed
+    expected[0, 2] = 1  # a false detection called inflammatory
+    np.testing.assert_array_equal(m, expected)
+    np.testing.assert_array_equal(m + m, detection_confusion(np.hstack([true, true + (true > 0) * 3]),
+                                                             np.hstack([cls, cls]),
+                                                             np.hstack([pred, pred + (pred > 0) * 3]),
+                                                             np.hstack([pred_cls, pred_cls])))
+
+
 def test_seam_ratio_sees_a_tile_offset_and_ignores_masked_glass():
     from studio.metrics import seam_ratio
 
