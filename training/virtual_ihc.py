@@ -404,19 +404,27 @@ def _train_fast(cfg, args, accelerator, he, ihc, val, log, out, EMAModel) -> Pat
     return final
 
 
+def diffusion_unet(cfg, vae):
+    """The translator's denoiser: noisy IHC latent and H&E latent concatenated in, noise out."""
+    from diffusers import UNet2DModel
+
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    latent = vae.config.latent_channels
+    n = len(cfg.unet_channels)
+    return UNet2DModel(sample_size=cfg.crop_size // factor, in_channels=2 * latent, out_channels=latent,
+                       block_out_channels=tuple(cfg.unet_channels), layers_per_block=1,
+                       down_block_types=("DownBlock2D",) * (n - 1) + ("AttnDownBlock2D",),
+                       up_block_types=("AttnUpBlock2D",) + ("UpBlock2D",) * (n - 1), norm_num_groups=32)
+
+
 def _train_diffusion(cfg, args, accelerator, he, ihc, val, log, out, EMAModel) -> Path:
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel
+    from diffusers import AutoencoderKL, DDPMScheduler
 
     from pipelines.encoders import load_model_folder
 
     vae = load_model_folder(AutoencoderKL, Path(cfg.vae)).eval().requires_grad_(False).to(accelerator.device)
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    latent = vae.config.latent_channels
-    n = len(cfg.unet_channels)
-    unet = UNet2DModel(sample_size=cfg.crop_size // factor, in_channels=2 * latent, out_channels=latent,
-                       block_out_channels=tuple(cfg.unet_channels), layers_per_block=1,
-                       down_block_types=("DownBlock2D",) * (n - 1) + ("AttnDownBlock2D",),
-                       up_block_types=("AttnUpBlock2D",) + ("UpBlock2D",) * (n - 1), norm_num_groups=32)
+    unet = diffusion_unet(cfg, vae)
     noise_scheduler = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.learning_rate, weight_decay=1e-4)
     sched = warmup_cosine_scheduler(opt, cfg.warmup_steps, cfg.max_steps)
