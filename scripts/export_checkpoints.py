@@ -7,6 +7,7 @@
     python scripts/export_checkpoints.py virtual-ihc-her2  # runs/virtual_ihc_her2[_diffusion]/final -> ...-her2
     python scripts/export_checkpoints.py stain-fuser    # runs/stain_fuser/final    -> checkpoints/stain-fuser
     python scripts/export_checkpoints.py stain-fuser-regressor  # runs/stain_fuser_regressor/final -> ...-regressor
+    python scripts/export_checkpoints.py stain-fuser --run runs/stain_fuser_prior   # another run folder
     python scripts/export_checkpoints.py mask-ldm       # runs/controlnet/final     -> checkpoints/mask-ldm
 
 Each exported folder gets ``training.json``: the recipe, the exact command, the seed, the
@@ -202,6 +203,9 @@ def main() -> None:
                                          "virtual-ihc-ki67", "stain-fuser", "stain-fuser-regressor",
                                          "mask-ldm"])
     parser.add_argument("--runs", type=Path, default=ROOT / "runs")
+    parser.add_argument("--run", type=Path, default=None,
+                        help="stain-fuser*: the run folder (default runs/stain_fuser[_regressor]; e.g. "
+                             "runs/stain_fuser_prior for the recipe with the classical prior)")
     parser.add_argument("--command", action="append", default=None, dest="commands",
                         help="the exact training commands, in order, when the run was not one plain recipe run "
                              "(e.g. resumed with a different --max-steps); repeatable")
@@ -227,7 +231,7 @@ def main() -> None:
     elif args.what == "mask-ldm":
         out = export_mask_ldm(args.runs / "controlnet")
     elif args.what.startswith("stain-fuser"):
-        out = export_stain_fuser(args.runs / args.what.replace("-", "_"), args.what)
+        out = export_stain_fuser(args.run or args.runs / args.what.replace("-", "_"), args.what)
     elif args.what.startswith("virtual-ihc-"):
         out = export_virtual_ihc(args.runs, args.what.removeprefix("virtual-ihc-"))
     else:

@@ -104,15 +104,23 @@ def test_pipeline_modes_blank_passthrough_and_errors(fuser_folder):
     assert stats.shape == (15,) and torch.isfinite(stats).all()
 
 
-def test_normalize_method_stainfuser_runs_the_slide_job(tmp_path, fuser_folder):
+@pytest.mark.parametrize("prior", ["none", "reinhard"])
+def test_normalize_method_stainfuser_runs_the_slide_job(tmp_path, fuser_folder, prior):
+    """Over a slide batch; a prior model gets its Reinhard target from the reference and one
+    source estimate per slide."""
     from studio.slides import open_slide, write_pyramid
+
+    if prior != "none":
+        fuser_folder = tmp_path / "prior-fuser"
+        tiny_fuser(prior=prior).save_pretrained(fuser_folder)
 
     region = np.ascontiguousarray(load_sample("hgsc_nest")[:256, :320])
     slide = write_pyramid(tmp_path / "s.tif", iter([region]), 320, 256, tile_size=512, mpp=0.5,
                           compression="deflate")
     write_image(tmp_path / "tiles" / "a.png", np.ascontiguousarray(load_sample("skin")[:64, :64]))
     transform = create_tile_transform(reference="tiatoolbox_target", checkpoint=str(fuser_folder), halo=16)
-    assert transform.describe()["reference"] == "tiatoolbox_target"
+    assert transform.describe()["reference"] == "tiatoolbox_target" and transform.describe()["prior"] == prior
+    assert (transform.prior_target is not None) == (prior != "none")
     from studio.jobs import JobOptions, expand_inputs, run_job
 
     out = tmp_path / "out"
