@@ -205,3 +205,17 @@ def test_translate_without_a_checkpoint_says_how_to_train(tmp_path, monkeypatch)
     result = CliRunner().invoke(app, ["translate", str(tmp_path / "t.png"), "--out", str(tmp_path / "o")])
     assert isinstance(result.exception, WeightsError)
     assert "training/recipes/virtual_ihc_her2.yaml" in str(result.exception)
+
+
+def test_aligned_pairs_option_trains_on_unwarped_pairs():
+    """``aligned_pairs`` swaps the misregistered pairs for the same pairs without the warp."""
+    from studio.data.ihc_pairs import phantom_pairs
+    from training.virtual_ihc import VirtualIHCConfig, build_pairs
+
+    cfg = VirtualIHCConfig(phantom_pairs=2, real_pairs=False, pair_size=96, crop_size=64)
+    he, ihc = build_pairs(cfg)
+    he_a, ihc_a = build_pairs(VirtualIHCConfig(**{**cfg.__dict__, "aligned_pairs": True}))
+    expected = phantom_pairs(2, 96, "her2", seed=1000, aligned=True)
+    np.testing.assert_array_equal(np.stack(ihc_a), np.stack([p.ihc for p in expected]))
+    np.testing.assert_array_equal(np.stack(he_a), np.stack(he))  # the H&E side is the same tissue
+    assert not np.array_equal(np.stack(ihc_a), np.stack(ihc))

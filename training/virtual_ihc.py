@@ -61,6 +61,9 @@ class VirtualIHCConfig:
     seed: int = 0
     phantom_pairs: int = 160
     real_pairs: bool = True  # the labelled real tile's train band
+    # Pixel-aligned pairs (no section-to-section warp): exact correspondences, for a first
+    # stage of the latent translator, which learns little from a misregistered condition.
+    aligned_pairs: bool = False
     bci: str | None = None
     mist: str | None = None
     pair_size: int = 256
@@ -101,10 +104,11 @@ def build_pairs(cfg: VirtualIHCConfig) -> tuple[np.ndarray, np.ndarray]:
     """uint8 (N, S, S, 3) H&E and IHC stacks of all training pairs."""
     from studio.data.ihc_pairs import IHC_SEEDS_HELD_OUT, hgsc_pairs, phantom_pairs
 
-    pairs = phantom_pairs(cfg.phantom_pairs, cfg.pair_size, cfg.stain, seed=cfg.seed * 100_000 + 1000)
+    pairs = phantom_pairs(cfg.phantom_pairs, cfg.pair_size, cfg.stain, seed=cfg.seed * 100_000 + 1000,
+                          aligned=cfg.aligned_pairs)
     assert cfg.seed * 100_000 + 1000 + cfg.phantom_pairs < IHC_SEEDS_HELD_OUT, "training seeds reach the held-out ones"
     if cfg.real_pairs:
-        pairs += hgsc_pairs(cfg.pair_size, cfg.stain, split="train", seed=cfg.seed)
+        pairs += hgsc_pairs(cfg.pair_size, cfg.stain, split="train", seed=cfg.seed, aligned=cfg.aligned_pairs)
     he = [p.he for p in pairs]
     ihc = [p.ihc for p in pairs]
     for root, kind in ((cfg.bci, "bci"), (cfg.mist, "mist")):
