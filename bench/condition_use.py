@@ -3,10 +3,11 @@
     python bench/condition_use.py runs/virtual_ihc_her2_diffusion [--checkpoint checkpoint_2000]
 
 For the latent H&E -> IHC translator (``training/virtual_ihc.py``, ``model: diffusion``):
-held-out phantom pairs are encoded as in training (:class:`training.virtual_ihc.PairLatentCache`),
-noised at fixed timesteps, and the denoiser's noise-prediction MSE is measured with the
-pair's own H&E latent, with another pair's (the batch rolled by one) and with zeros. A
-model that uses the condition has a clearly lower loss with the right one; equal losses
+held-out phantom pairs (aligned when the run trained on aligned pairs) are encoded as in
+training (:class:`training.virtual_ihc.PairLatentCache`), noised at fixed timesteps, and the
+denoiser's noise-prediction MSE is measured with the pair's own H&E latent, with another
+pair's (the batch rolled by one) and with zeros. A model that uses the condition has a
+clearly lower loss with the right one; equal losses
 mean it draws the IHC prior whatever the H&E shows.
 """
 
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     unet = diffusion_unet(cfg, vae)
     unet.load_state_dict(load_file(folder / "model.safetensors"))
     unet.eval()
-    pairs = phantom_pairs(args.pairs, 256, cfg.stain, seed=IHC_SEEDS_HELD_OUT)
+    pairs = phantom_pairs(args.pairs, 256, cfg.stain, seed=IHC_SEEDS_HELD_OUT, aligned=cfg.aligned_pairs)
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     cache = PairLatentCache(vae, [x.he for x in pairs], [x.ihc for x in pairs], factor)
     sched = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule)
