@@ -83,6 +83,11 @@ def reference_statistics(tiles: torch.Tensor) -> torch.Tensor:
 PRIORS = ("none", "reinhard")
 
 
+def unet_in_channels(prior: str, latent_channels: int) -> int:
+    """The denoiser's input: noisy latent + source latent (+ the prior's latent)."""
+    return (3 if prior != "none" else 2) * latent_channels
+
+
 def reference_lab_profile(stats: torch.Tensor):
     """The CIELAB tissue mean and std held in a :func:`reference_statistics` vector, as a
     Reinhard :class:`~studio.stain.profile.StainProfile` (the prior's target when only the
@@ -193,7 +198,7 @@ class StainFuserPipeline(LocalPipeline, DiffusionPipeline):
             raise InputError("mode", f"{mode!r}; diffusion or regressor")
         if prior not in PRIORS:
             raise InputError("prior", f"{prior!r}; one of {', '.join(PRIORS)}")
-        inputs = (3 if prior != "none" else 2) * vae.config.latent_channels
+        inputs = unet_in_channels(prior, vae.config.latent_channels)
         if unet.config.in_channels != inputs:
             raise WeightsError("unet", f"takes {unet.config.in_channels} input channels; prior={prior!r} with a "
                                        f"{vae.config.latent_channels}-channel VAE needs {inputs}")
@@ -207,6 +212,9 @@ class StainFuserPipeline(LocalPipeline, DiffusionPipeline):
     @property
     def size_multiple(self) -> int:
         return self.latent_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return ((self.vae.decode(latents / self.vae.config.scaling_factor).sample + 1) / 2).clamp(0, 1).float()
 
     @property
     def prior(self) -> str:
@@ -285,7 +293,7 @@ class StainFuserPipeline(LocalPipeline, DiffusionPipeline):
         tissue = tissue_mask(x.float())[:, 0].float().mean(dim=(1, 2))
         blank = (tissue < MIN_TISSUE).tolist()
         stats = self.reference_stats(reference)
-        style = self.reference_encoder(stats.to(self.device, self.unet.dtype)[None]).expand(b, -1)
+        style = self.style(stats).expand(b, -1)
         scale = self.vae.config.scaling_factor
         src = self.vae.encode(x * 2 - 1).latent_dist.mode() * scale
         cond, start_latent = src, src
@@ -313,12 +321,11 @@ class StainFuserPipeline(LocalPipeline, DiffusionPipeline):
             for t in timesteps:
                 eps = self.unet(torch.cat([latents, cond], 1), t, class_labels=style).sample
                 latents = self.scheduler.step(eps, t, latents, eta=0.0).prev_sample
-        out = ((self.vae.decode(latents / scale).sample + 1) / 2).clamp(0, 1).float()
+        out = self._decode(latents)
         if detail == "source" and self.prior != "none":
             # The model's change to the classical estimate, carried onto its pixels: the
             # decoder's errors are common to both decodes and cancel.
-            before = ((self.vae.decode(start_latent / scale).sample + 1) / 2).clamp(0, 1).float()
-            out = transfer_colour_change(x.float(), prior.float(), before, out)
+            out = transfer_colour_change(x.float(), prior.float(), self._decode(start_latent), out)
         elif detail == "source":
             out = transfer_colour(x.float(), out)
         for i, is_blank in enumerate(blank):

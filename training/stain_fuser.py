@@ -156,11 +156,11 @@ def encode_pair(vae, src: torch.Tensor, tgt: torch.Tensor, ref: torch.Tensor, st
     if prior == "reinhard":
         from studio.stain.reinhard import ReinhardNormalizer
 
+        norm = ReinhardNormalizer()  # only estimates source profiles: one for the batch
         others = list(context) if context is not None else [None] * len(src)
         views = [[s] if c is None else [s, c] for s, c in zip(src, others, strict=True)]
-        estimate = torch.cat([
-            reinhard_prior(s[None], prior_target(r, st), source_profile(ReinhardNormalizer(), v))
-            for s, r, st, v in zip(src, ref, stats, views, strict=True)])
+        estimate = torch.cat([reinhard_prior(s[None], prior_target(r, st), source_profile(norm, v))
+                              for s, r, st, v in zip(src, ref, stats, views, strict=True)])
         batch["prior"] = vae.encode(estimate * 2 - 1).latent_dist.mode() * scale
     return batch
 
@@ -169,12 +169,11 @@ def encode_pair(vae, src: torch.Tensor, tgt: torch.Tensor, ref: torch.Tensor, st
 def evaluate(pipe, pairs, cfg: StainFuserConfig, out_png: Path | None = None) -> dict[str, float]:
     from studio.io import to_tensor, to_uint8
     from studio.metrics import ciede2000, ssim
+    from studio.stain.reinhard import ReinhardNormalizer
 
     src = np.stack([p.source for p in pairs])
     truth = to_tensor(np.stack([p.target for p in pairs]))
-    from studio.stain.reinhard import ReinhardNormalizer
-
-    norm = ReinhardNormalizer()
+    norm = ReinhardNormalizer()  # a prior model's source statistics, pooled over the pair's two views
     sources = [source_profile(norm, [to_tensor(p.source)[0], to_tensor(p.source_context)[0]])
                if p.source_context is not None else None for p in pairs]
     preds = [pipe(src[i:i + 1], [pairs[i].reference], num_inference_steps=cfg.inference_steps,
@@ -213,8 +212,10 @@ def main(argv: list[str] | None = None) -> Path:
                                                       "threads": args.threads})
     if cfg.mode not in ("diffusion", "regressor"):
         raise ValueError(f"mode must be diffusion or regressor, got {cfg.mode!r}")
-    if cfg.prior not in ("none", "reinhard"):
-        raise ValueError(f"prior must be none or reinhard, got {cfg.prior!r}")
+    from pipelines.stain_fuser import PRIORS, unet_in_channels
+
+    if cfg.prior not in PRIORS:
+        raise ValueError(f"prior must be one of {PRIORS}, got {cfg.prior!r}")
     torch.set_num_threads(cfg.threads)
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -235,8 +236,8 @@ def main(argv: list[str] | None = None) -> Path:
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     latent = vae.config.latent_channels
     n = len(cfg.unet_channels)
-    inputs = (3 if cfg.prior != "none" else 2) * latent
-    unet = UNet2DModel(sample_size=cfg.crop_size // factor, in_channels=inputs, out_channels=latent,
+    unet = UNet2DModel(sample_size=cfg.crop_size // factor, in_channels=unet_in_channels(cfg.prior, latent),
+                       out_channels=latent,
                        block_out_channels=tuple(cfg.unet_channels), layers_per_block=1,
                        down_block_types=("DownBlock2D",) * (n - 1) + ("AttnDownBlock2D",),
                        up_block_types=("AttnUpBlock2D",) + ("UpBlock2D",) * (n - 1), norm_num_groups=32,
