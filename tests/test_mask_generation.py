@@ -231,6 +231,33 @@ def test_controlnet_training_runs_validates_and_resumes(tmp_path, bank_size):
     # resume from the last checkpoint continues to a longer schedule
     final = main(["--config", str(recipe), "--resume", "latest", "--max-steps", "3"])
     assert (tmp_path / "run" / "checkpoints" / "checkpoint_3").is_dir()
+    if bank_size:
+        _fine_tune_from_trained(tmp_path, recipe, final, base)
+
+
+def _fine_tune_from_trained(tmp_path, recipe, trained, base):
+    """``init_controlnet`` starts from a trained pipeline's ControlNet (exactly its weights) and
+    refuses one built for another class table; the class-balanced, class-weighted recipe trains."""
+    import yaml
+
+    from pipelines.embedding_to_image import EmbeddingToImagePipeline
+    from training.controlnet import ControlNetConfig, init_controlnet, main
+
+    pipe = EmbeddingToImagePipeline.from_pretrained(base)
+    unet, factor = pipe.unet, pipe.latent_factor
+    cfg = ControlNetConfig(base=str(base), init_controlnet=str(trained))
+    start = init_controlnet(cfg, unet, len(PANNUKE_CLASSES), factor).state_dict()
+    saved = MaskToImagePipeline.from_pretrained(trained).controlnet.state_dict()
+    assert start.keys() == saved.keys() and all(torch.equal(start[k], saved[k]) for k in start)
+    with pytest.raises(WeightsError, match="does not fit"):
+        init_controlnet(cfg, unet, 3, factor)
+    values = yaml.safe_load(recipe.read_text())
+    values.update({"output_dir": str(tmp_path / "tuned"), "init_controlnet": str(trained), "class_balance": 0.6,
+                   "class_loss_weights": {"connective": 4.0}, "max_steps": 1, "validate_every": 1})
+    recipe.write_text(yaml.safe_dump(values))
+    tuned = main(["--config", str(recipe)])
+    assert json.loads((tmp_path / "tuned" / "config.json").read_text())["class_loss_weights"] == {"connective": 4.0}
+    assert MaskToImagePipeline.from_pretrained(tuned).classes == PANNUKE_CLASSES
 
 
 def test_control_bank_holds_what_per_batch_encoding_would_give(tmp_path):
@@ -261,3 +288,65 @@ def test_generate_rare_without_a_checkpoint_names_the_recipe(tmp_path):
                                       "1", "--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path / "o")])
     assert_clear_error(result, "training/recipes/controlnet.yaml")
     assert not (tmp_path / "o").exists()
+
+
+def _scarce_class_tile() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A 256 px tile with 40 inflammatory nuclei and one connective nucleus in a corner."""
+    from studio.layouts import ellipse
+
+    inst = np.zeros((256, 256), np.int32)
+    cls = np.zeros((256, 256), np.uint8)
+    nid = 0
+    for y in range(40, 240, 32):
+        for x in range(40, 240, 32):
+            nid += 1
+            m = ellipse(inst.shape, y, x, 10, 10, 0.0)
+            inst[m], cls[m] = nid, 2
+    m = ellipse(inst.shape, 12, 12, 14, 6, 0.3)
+    inst[m], cls[m] = nid + 1, 3
+    image = np.full((256, 256, 3), 220, np.uint8)
+    image[inst > 0] = (90, 60, 140)
+    return image, inst, cls
+
+
+def test_class_balanced_crops_show_the_scarce_class_as_often_as_the_common_one():
+    from studio.data.base import ArrayNucleiDataset, NucleiSample
+    from training.segmenter import BatchSampler
+
+    image, inst, cls = _scarce_class_tile()
+    data = ArrayNucleiDataset([NucleiSample(image, inst, cls, {})], PANNUKE_CLASSES, source="real")
+
+    def share_with_connective(balance: float) -> float:
+        sampler = BatchSampler(data, np.ones(1), 64, seed=0, class_balance=balance)
+        tp = np.concatenate([sampler.batch(step, 8)["tp"].numpy() for step in range(25)])
+        return float(np.mean([(t == 3).any() for t in tp]))
+
+    uniform, balanced = share_with_connective(0.0), share_with_connective(1.0)
+    assert uniform < 0.12  # one nucleus in a corner: few uniform 64 px crops reach it
+    assert 0.35 < balanced < 0.65  # two classes present -> about half the crops are centred on it
+    # class_balance 0 keeps the random stream (and so shipped checkpoints) unchanged
+    a = BatchSampler(data, np.ones(1), 64, seed=3).batch(7, 4)["inst"]
+    b = BatchSampler(data, np.ones(1), 64, seed=3, class_balance=0.0).batch(7, 4)["inst"]
+    np.testing.assert_array_equal(a, b)
+    with pytest.raises(InputError, match="class_balance"):
+        BatchSampler(data, np.ones(1), 64, class_balance=1.5)
+
+
+def test_class_loss_weights_weigh_latent_pixels_by_nucleus_coverage():
+    from training.controlnet import ControlNetConfig, class_weight_vector, loss_weight_map
+
+    control = torch.zeros(1, 6, 16, 16)
+    control[0, 2, :8, :8] = 1  # connective nucleus filling the top-left latent pixel's footprint (8x8)
+    control[0, 1, 8:12, 8:16] = 1  # an inflammatory nucleus covering half of another
+    w = class_weight_vector(ControlNetConfig(class_loss_weights={"connective": 4.0}), dict(PANNUKE_CLASSES))
+    torch.testing.assert_close(w, torch.tensor([1.0, 1.0, 4.0, 1.0, 1.0]))
+    got = loss_weight_map(control, w, (2, 2))
+    torch.testing.assert_close(got, torch.tensor([[[[4.0, 1.0], [1.0, 1.0]]]]))
+    control[0, 2, :8, :8] = 0
+    control[0, 2, :4, :8] = 1  # half coverage -> half the extra weight
+    assert loss_weight_map(control, w, (2, 2))[0, 0, 0, 0].item() == pytest.approx(2.5)
+    assert class_weight_vector(ControlNetConfig(), dict(PANNUKE_CLASSES)) is None
+    with pytest.raises(InputError, match="unknown class"):
+        class_weight_vector(ControlNetConfig(class_loss_weights={"stroma": 2.0}), dict(PANNUKE_CLASSES))
+    with pytest.raises(InputError, match="> 0"):
+        class_weight_vector(ControlNetConfig(class_loss_weights={"connective": 0.0}), dict(PANNUKE_CLASSES))

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from studio.errors import InputError
 from training.utils import (
     MetricsLog,
     common_args,
@@ -74,6 +75,15 @@ class ControlNetConfig:
     # > 0: encode this many augmented crops once (VAE posterior, SSL token, control map) and
     # draw batches from them; 0 encodes every batch (needed when the data must stream).
     bank_size: int = 0
+    # share of crops centred on a class-balanced nucleus (training.segmenter.BatchSampler): the
+    # scarce class is drawn from its own examples, not only as the odd nucleus in a tumour crop
+    class_balance: float = 0.0
+    # start from a trained mask-conditioned pipeline's ControlNet (fine-tuning) instead of a
+    # fresh copy of the base UNet's encoder; the base must be the one it was trained on
+    init_controlnet: str | None = None
+    # per-class weights on the denoising loss at a nucleus' latent pixels (class name -> weight,
+    # 1 elsewhere): the few latent pixels of a scarce class otherwise count as little as its share
+    class_loss_weights: dict[str, float] | None = None
 
 
 def mask_fidelity(images: np.ndarray, layouts: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
@@ -168,6 +178,55 @@ def validate(pipe, layouts, cfg: ControlNetConfig, out_png: Path) -> dict[str, f
             "val_dice_unconditioned": m_free["dice"]}
 
 
+def loss_weight_map(control: torch.Tensor, weights: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
+    """``(B, 1, h, w)`` weights at latent resolution from one-hot control maps ``(B, C + 1, H, W)``:
+    ``1 + sum_c (weights[c] - 1) * coverage_c``, where ``coverage_c`` is the share of the latent
+    pixel's footprint covered by class ``c`` nuclei (so a latent pixel half on a weighted
+    nucleus gets half the extra weight)."""
+    cover = F.adaptive_avg_pool2d(control[:, : len(weights)].float(), latent_hw)
+    return 1.0 + ((weights.view(1, -1, 1, 1).to(cover) - 1.0) * cover).sum(1, keepdim=True)
+
+
+def class_weight_vector(cfg: ControlNetConfig, classes: dict[int, str]) -> torch.Tensor | None:
+    """Per-class loss weights in class-code order, or None when ``class_loss_weights`` is unset."""
+    if not cfg.class_loss_weights:
+        return None
+    names = {v: k for k, v in classes.items()}
+    unknown = sorted(set(cfg.class_loss_weights) - set(names))
+    if unknown:
+        raise InputError("class_loss_weights", f"unknown class(es) {unknown}; choose from {sorted(names)}")
+    bad = {k: v for k, v in cfg.class_loss_weights.items() if not float(v) > 0}
+    if bad:
+        raise InputError("class_loss_weights", f"{bad}; weights must be > 0")
+    return torch.tensor([float(cfg.class_loss_weights.get(classes[c], 1.0)) for c in sorted(classes)])
+
+
+def init_controlnet(cfg: ControlNetConfig, unet, num_classes: int, latent_factor: int):
+    """The ControlNet to train: a fresh copy of the base UNet's encoder, or (``init_controlnet``)
+    a trained pipeline's ControlNet, checked against the fresh one's parameter shapes so a
+    ControlNet built for another base or class table fails here, not as garbage samples."""
+    from pipelines.mask_to_image import controlnet_from_base
+
+    fresh = controlnet_from_base(unet, num_classes, latent_factor)
+    if not cfg.init_controlnet:
+        return fresh
+    from diffusers import ControlNetModel
+
+    from pipelines.loading import check_pipeline_folder
+    from studio.errors import WeightsError
+
+    folder = Path(cfg.init_controlnet)
+    check_pipeline_folder(folder, required=("controlnet",))
+    trained = ControlNetModel.from_pretrained(folder / "controlnet", use_safetensors=True)
+    want = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in trained.state_dict().items()}
+    if want != have:
+        diff = sorted(set(want.items()) ^ set(have.items()))[:3]
+        raise WeightsError(folder / "controlnet", f"does not fit base {cfg.base} with {num_classes} classes "
+                                                  f"(first differences: {diff})")
+    return trained
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = common_args(__doc__.split("\n\n")[0], Path(__file__).parent / "recipes" / "controlnet.yaml")
     parser.add_argument("--base", default=None, help="embedding-conditioned base pipeline folder")
@@ -185,7 +244,7 @@ def main(argv: list[str] | None = None) -> Path:
     from pipelines.embedding_to_image import EmbeddingToImagePipeline
     from pipelines.encoders import load_encoder
     from pipelines.loading import latent_ddim
-    from pipelines.mask_to_image import MaskToImagePipeline, controlnet_from_base
+    from pipelines.mask_to_image import MaskToImagePipeline
     from studio.data.samples import PANNUKE_CLASSES
     from studio.stain.augment import StainAugment
     from training.segmenter import BatchSampler, SegmenterConfig, build_training_data
@@ -201,7 +260,8 @@ def main(argv: list[str] | None = None) -> Path:
         module.eval().requires_grad_(False).to(accelerator.device)
     encoder = load_encoder(cfg.encoder, device=accelerator.device) if cfg.embedding_prob > 0 else None
     classes = dict(PANNUKE_CLASSES)
-    controlnet = controlnet_from_base(unet, len(classes), base.latent_factor).train()
+    controlnet = init_controlnet(cfg, unet, len(classes), base.latent_factor).train()
+    class_weights = class_weight_vector(cfg, classes)
     noise_scheduler = DDPMScheduler.from_config(base.scheduler.config)
     optimizer = torch.optim.AdamW(controlnet.parameters(), lr=cfg.learning_rate, weight_decay=1e-4)
     lr_scheduler = warmup_cosine_scheduler(optimizer, cfg.warmup_steps, cfg.max_steps)
@@ -214,7 +274,7 @@ def main(argv: list[str] | None = None) -> Path:
     seg_cfg = SegmenterConfig(sources=cfg.sources, stride=cfg.stride)
     data, p = build_training_data(seg_cfg)
     sampler = BatchSampler(data, p, cfg.crop_size, stain=StainAugment() if cfg.stain_jitter else None,
-                           seed=cfg.seed)
+                           seed=cfg.seed, class_balance=cfg.class_balance)
     val_layouts = heldout_layouts(cfg.crop_size, 6, classes)
     grid = conditioner.grid_for(cfg.crop_size, cfg.crop_size)
     log = MetricsLog(out)
@@ -252,7 +312,11 @@ def main(argv: list[str] | None = None) -> Path:
                                    return_dict=False)
             pred = unet(sample, t, encoder_hidden_states=states, down_block_additional_residuals=down,
                         mid_block_additional_residual=mid).sample
-            loss = F.mse_loss(pred, noise)
+            if class_weights is None:
+                loss = F.mse_loss(pred, noise)
+            else:
+                w = loss_weight_map(control, class_weights, tuple(pred.shape[-2:])).to(pred)
+                loss = ((pred - noise) ** 2 * w).mean() / w.mean()
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(controlnet.parameters(), 1.0)
             optimizer.step()

@@ -160,14 +160,47 @@ def build_validation_data(cfg: SegmenterConfig):
 
 
 class BatchSampler:
-    """Augmented training batches, a pure function of ``(seed, step)``."""
+    """Augmented training batches, a pure function of ``(seed, step)``.
 
-    def __init__(self, data, probabilities: np.ndarray, crop_size: int, *, stain: Any = None, seed: int = 0):
+    Args:
+        class_balance: share of crops centred on one nucleus of a class drawn uniformly
+            from the classes present in the chosen sample (the rest are placed uniformly).
+            Uniform crops show each class at its tissue frequency, so a model that learns
+            from them sees a scarce class (connective nuclei in a tumour nest) in a few
+            percent of its crops; centring on a class-balanced nucleus gives every class
+            present an equal share while keeping the nucleus in its real surroundings.
+            0 keeps the random stream of earlier runs unchanged (shipped checkpoints stay
+            reproducible).
+    """
+
+    def __init__(self, data, probabilities: np.ndarray, crop_size: int, *, stain: Any = None, seed: int = 0,
+                 class_balance: float = 0.0):
+        if not 0.0 <= class_balance <= 1.0:
+            raise InputError("class_balance", f"{class_balance}; must be in [0, 1]")
         self.data = data
         self.p = probabilities
         self.crop = crop_size
         self.stain = stain
         self.seed = seed
+        self.class_balance = class_balance
+
+    def _origin(self, s, rng: np.random.Generator) -> tuple[int, int]:
+        """Top-left corner of one crop of sample ``s``: uniform, or centred on a class-balanced nucleus."""
+        h, w = s.inst.shape
+        if self.class_balance > 0 and rng.random() < self.class_balance:
+            cls = np.asarray(s.cls)
+            present = np.unique(cls[(cls > 0) & (np.asarray(s.inst) > 0)])
+            if present.size:
+                code = present[int(rng.integers(present.size))]
+                ys, xs = np.nonzero((cls == code) & (np.asarray(s.inst) > 0))
+                ids = np.asarray(s.inst)[ys, xs]
+                nid = rng.choice(np.unique(ids))
+                cy, cx = ys[ids == nid].mean(), xs[ids == nid].mean()
+                jitter = rng.integers(-self.crop // 4, self.crop // 4 + 1, size=2)
+                y = int(np.clip(round(cy) - self.crop // 2 + jitter[0], 0, h - self.crop))
+                x = int(np.clip(round(cx) - self.crop // 2 + jitter[1], 0, w - self.crop))
+                return y, x
+        return int(rng.integers(0, h - self.crop + 1)), int(rng.integers(0, w - self.crop + 1))
 
     def batch(self, step: int, batch_size: int) -> dict[str, Any]:
         from studio.nuclei import hv_targets
@@ -179,8 +212,7 @@ class BatchSampler:
             h, w = s.inst.shape
             if min(h, w) < self.crop:
                 raise InputError(str(s.meta.get("name", idx)), f"is {h}x{w}, smaller than crop_size {self.crop}")
-            y = int(rng.integers(0, h - self.crop + 1))
-            x = int(rng.integers(0, w - self.crop + 1))
+            y, x = self._origin(s, rng)
             k = int(rng.integers(4))
             flip = bool(rng.random() < 0.5)
             arrays = []
