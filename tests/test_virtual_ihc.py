@@ -104,6 +104,54 @@ def test_pipeline_fast_and_diffusion_round_trip(tmp_path):
         pipe(np.zeros((8, 8), np.uint8))
 
 
+def _tiny_refiner_parts(in_channels: int = 12, prediction_type: str = "sample"):
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        block_out_channels=(8, 8), latent_channels=4, norm_num_groups=4, layers_per_block=1)
+    unet = UNet2DModel(sample_size=16, in_channels=in_channels, out_channels=4, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4, layers_per_block=1)
+    scheduler = DDIMScheduler(num_train_timesteps=100, prediction_type=prediction_type)
+    return IHCGenerator(widths=(8, 16)), vae, unet, scheduler
+
+
+def test_fast_prior_refiner_starts_as_the_fast_model_and_checks_its_parts(tmp_path):
+    """An untrained refiner (zero last layer) returns the fast translator's image for any seed:
+    the diffusion model can only move away from the fast one where training tells it to."""
+    generator, vae, unet, scheduler = _tiny_refiner_parts()
+    torch.nn.init.zeros_(unet.conv_out.weight)
+    torch.nn.init.zeros_(unet.conv_out.bias)
+    pipe = VirtualIHCPipeline(generator=generator, vae=vae, unet=unet, scheduler=scheduler,
+                              diffusion_prior="fast", diffusion_strength=0.5)
+    he = np.ascontiguousarray(load_sample("hgsc_nest")[:64, :64])
+    fast = pipe(he, output_type="np").images
+    for seed in (0, 1):
+        refined = pipe(he, model="diffusion", num_inference_steps=4, generator=torch.manual_seed(seed),
+                       output_type="np").images
+        np.testing.assert_allclose(refined, fast, atol=2e-3)
+    # as decoded: the fast image through the (untrained) VAE, not the prior's pixels
+    decoded = pipe(he, model="diffusion", num_inference_steps=4, detail="model", output_type="np").images
+    assert np.abs(decoded - fast).mean() > 0.01
+    pipe.save_pretrained(tmp_path / "p")
+    loaded = VirtualIHCPipeline.from_pretrained(tmp_path / "p")
+    assert loaded.models == ["fast", "diffusion"] and loaded.config.diffusion_prior == "fast"
+    assert loaded.config.diffusion_strength == 0.5
+    np.testing.assert_allclose(loaded(he, model="diffusion", num_inference_steps=4, output_type="np").images,
+                               refined, atol=1e-5)
+    with pytest.raises(InputError, match="strength"):
+        pipe(he, model="diffusion", strength=0.0)
+    with pytest.raises(WeightsError, match="needs 12"):
+        VirtualIHCPipeline(*_tiny_refiner_parts(in_channels=8)[:3], diffusion_prior="fast")
+    with pytest.raises(WeightsError, match="prediction_type='sample'"):
+        VirtualIHCPipeline(*_tiny_refiner_parts(prediction_type="epsilon"), diffusion_prior="fast")
+    with pytest.raises(InputError, match="diffusion_prior"):
+        VirtualIHCPipeline(diffusion_prior="gan")
+    no_fast = VirtualIHCPipeline(None, vae, unet, scheduler, diffusion_prior="fast")
+    assert no_fast.models == []  # a refiner without the model it refines cannot run
+
+
 def test_training_recipe_runs_and_reports_dab_correlation(tmp_path):
     import yaml
 
@@ -156,6 +204,26 @@ def test_diffusion_recipe_trains_from_cached_latents_and_resumes(tmp_path):
     assert {"val_psnr", "val_dab_area_corr"} <= set(rows[-1])
     main(["--config", str(tmp_path / "r.yaml"), "--resume", "latest", "--max-steps", "3"])
     assert (tmp_path / "run" / "checkpoints" / "checkpoint_3").is_dir()
+
+
+def test_refiner_recipe_trains_on_the_shipped_fast_model_and_saves_both(tmp_path):
+    import yaml
+
+    recipe = yaml.safe_load(open("training/recipes/virtual_ihc_her2_refiner.yaml"))
+    recipe.update(output_dir=str(tmp_path / "run"), phantom_pairs=2, real_pairs=False, pair_size=96, crop_size=64,
+                  batch_size=2, max_steps=2, validate_every=2, checkpoint_every=2, val_pairs=2, unet_channels=[32, 32],
+                  inference_steps=2, vae="checkpoints/tile-vae")
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    from training.virtual_ihc import main
+
+    final = main(["--config", str(tmp_path / "r.yaml")])
+    pipe = VirtualIHCPipeline.from_pretrained(final)
+    shipped = VirtualIHCPipeline.from_pretrained("checkpoints/virtual-ihc-her2")
+    assert pipe.models == ["fast", "diffusion"] and pipe.config.diffusion_prior == "fast"
+    assert all(torch.equal(a, b) for a, b in zip(pipe.generator.state_dict().values(),
+                                                  shipped.generator.state_dict().values(), strict=True))
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {"val_psnr", "val_dab_area_corr"} <= set(rows[-1])
 
 
 def test_translate_tiles_and_a_slide(tmp_path):

@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +95,11 @@ class VirtualIHCConfig:
     beta_schedule: str = "squaredcos_cap_v2"
     inference_steps: int = 6
     ema_decay: float = 0.999
+    # "fast": refine a trained fast translator's output (pipelines.virtual_ihc, diffusion_prior)
+    # -- its IHC latent is a third UNet input and the residual base; "none": from noise.
+    diffusion_prior: str = "none"
+    prior_checkpoint: str = "checkpoints/virtual-ihc-her2"  # holds the fast generator for the prior
+    diffusion_strength: float = 0.6  # refiner: training noise levels t <= strength x T; sampling starts there
     # Encode every pair once (8 dihedral orientations) and crop in latent space: the frozen
     # VAE's two encodes per batch were ~3/4 of a CPU step. Off for datasets too big for RAM.
     latent_cache: bool = True
@@ -161,13 +167,16 @@ class PairLatentCache:
     batch, as ``latent_dist.sample`` would; latent crops see the whole pair's context.
     """
 
-    def __init__(self, vae, he: list[np.ndarray], ihc: list[np.ndarray], factor: int):
+    def __init__(self, vae, he: list[np.ndarray], ihc: list[np.ndarray], factor: int, prior=None):
+        """``prior``: optional callable H&E ``(B, 3, H, W)`` -> IHC estimate in [0, 1] (the fast
+        translator), whose latents are cached too and returned as a 4th batch element."""
         from studio.io import to_tensor
 
         self.factor = factor
         self.cond: list[torch.Tensor] = []
         self.mean: list[torch.Tensor] = []
         self.std: list[torch.Tensor] = []
+        self.prior: list[torch.Tensor] = []
         scale = vae.config.scaling_factor
         for a, b in zip(he, ihc, strict=True):
             h, w = (min(a.shape[0], b.shape[0]) // factor) * factor, (min(a.shape[1], b.shape[1]) // factor) * factor
@@ -180,6 +189,9 @@ class PairLatentCache:
                 with torch.no_grad():
                     cond = vae.encode(to_tensor(np.stack([views[i] for i in idx])) * 2 - 1).latent_dist
                     target = vae.encode(to_tensor(np.stack([views[8 + i] for i in idx])) * 2 - 1).latent_dist
+                    if prior is not None:
+                        est = prior(to_tensor(np.stack([views[i] for i in idx]))).float().clamp(0, 1)
+                        self.prior += list(vae.encode(est * 2 - 1).latent_dist.mode() * scale)
                 self.cond += list(cond.mode() * scale)
                 self.mean += list(target.mean * scale)
                 self.std += list(target.std * scale)
@@ -187,16 +199,17 @@ class PairLatentCache:
     def __len__(self) -> int:
         return len(self.cond)
 
-    def batch(self, step: int, cfg: VirtualIHCConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(cond, target_mean, target_std)`` latent crops of ``cfg.crop_size`` pixels."""
+    def batch(self, step: int, cfg: VirtualIHCConfig) -> tuple[torch.Tensor, ...]:
+        """``(cond, target_mean, target_std[, prior])`` latent crops of ``cfg.crop_size`` pixels."""
         rng = np.random.default_rng([cfg.seed, step])
         size = cfg.crop_size // self.factor
-        out: tuple[list, list, list] = ([], [], [])
+        sources = (self.cond, self.mean, self.std) + ((self.prior,) if self.prior else ())
+        out: tuple[list, ...] = tuple([] for _ in sources)
         for _ in range(cfg.batch_size):
             i = int(rng.integers(len(self.cond)))
             h, w = self.cond[i].shape[-2:]
             y, x = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
-            for src, dst in zip((self.cond, self.mean, self.std), out, strict=True):
+            for src, dst in zip(sources, out, strict=True):
                 dst.append(src[i][:, y:y + size, x:x + size])
         return tuple(torch.stack(x) for x in out)
 
@@ -308,10 +321,14 @@ def make_pipeline(cfg: VirtualIHCConfig, generator=None, vae=None, unet=None):
     from pipelines.virtual_ihc import VirtualIHCPipeline
 
     scheduler = None
+    prior = cfg.diffusion_prior if unet is not None else "none"
     if unet is not None:
-        scheduler = latent_ddim(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule)
+        extra = {"prediction_type": "sample"} if prior == "fast" else {}
+        scheduler = latent_ddim(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
+                                **extra)
     return VirtualIHCPipeline(generator=generator, vae=vae if unet is not None else None, unet=unet,
-                              scheduler=scheduler, stain=cfg.stain)
+                              scheduler=scheduler, stain=cfg.stain, diffusion_prior=prior,
+                              diffusion_strength=cfg.diffusion_strength)
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -409,16 +426,49 @@ def _train_fast(cfg, args, accelerator, he, ihc, val, log, out, EMAModel) -> Pat
 
 
 def diffusion_unet(cfg, vae):
-    """The translator's denoiser: noisy IHC latent and H&E latent concatenated in, noise out."""
+    """The translator's denoiser: noisy IHC latent and H&E latent (and, refining the fast
+    translator, its IHC latent) concatenated in; noise out, or for a refiner a residual on
+    the fast latent with the last layer zero-initialised (untrained refiner = fast model)."""
     from diffusers import UNet2DModel
 
+    from pipelines.virtual_ihc import DIFFUSION_PRIORS, diffusion_in_channels
+
+    if cfg.diffusion_prior not in DIFFUSION_PRIORS:
+        raise ValueError(f"diffusion_prior must be one of {DIFFUSION_PRIORS}, got {cfg.diffusion_prior!r}")
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     latent = vae.config.latent_channels
     n = len(cfg.unet_channels)
-    return UNet2DModel(sample_size=cfg.crop_size // factor, in_channels=2 * latent, out_channels=latent,
-                       block_out_channels=tuple(cfg.unet_channels), layers_per_block=1,
+    unet = UNet2DModel(sample_size=cfg.crop_size // factor, in_channels=diffusion_in_channels(cfg.diffusion_prior,
+                                                                                             latent),
+                       out_channels=latent, block_out_channels=tuple(cfg.unet_channels), layers_per_block=1,
                        down_block_types=("DownBlock2D",) * (n - 1) + ("AttnDownBlock2D",),
                        up_block_types=("AttnUpBlock2D",) + ("UpBlock2D",) * (n - 1), norm_num_groups=32)
+    if cfg.diffusion_prior == "fast":
+        torch.nn.init.zeros_(unet.conv_out.weight)
+        torch.nn.init.zeros_(unet.conv_out.bias)
+    return unet
+
+
+def fast_prior(cfg: VirtualIHCConfig, device):
+    """The frozen fast translator a refiner starts from (``cfg.prior_checkpoint``); saved
+    beside the refiner in its pipeline folder."""
+    from pipelines.virtual_ihc import VirtualIHCPipeline
+
+    pipe = VirtualIHCPipeline.from_pretrained(cfg.prior_checkpoint)
+    if pipe.generator is None:
+        raise ValueError(f"{cfg.prior_checkpoint} has no fast translator to refine")
+    if pipe.config.stain != cfg.stain:
+        raise ValueError(f"{cfg.prior_checkpoint} translates {pipe.config.stain}, not {cfg.stain}")
+    return pipe.generator.eval().requires_grad_(False).to(device)
+
+
+@torch.no_grad()
+def run_fast(generator, tiles: torch.Tensor) -> torch.Tensor:
+    """The fast translator on tiles of any size (reflect-padded to its multiple, cropped back)."""
+    h, w = tiles.shape[-2:]
+    f = generator.factor
+    padded = F.pad(tiles.to(generator.device), (0, (-w) % f, 0, (-h) % f), mode="reflect")
+    return generator(padded)[..., :h, :w]
 
 
 def _train_diffusion(cfg, args, accelerator, he, ihc, val, log, out, EMAModel) -> Path:
@@ -429,6 +479,8 @@ def _train_diffusion(cfg, args, accelerator, he, ihc, val, log, out, EMAModel) -
     vae = load_model_folder(AutoencoderKL, Path(cfg.vae)).eval().requires_grad_(False).to(accelerator.device)
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     unet = diffusion_unet(cfg, vae)
+    prior_generator = fast_prior(cfg, accelerator.device) if cfg.diffusion_prior == "fast" else None
+    prior = partial(run_fast, prior_generator) if prior_generator is not None else None
     noise_scheduler = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.learning_rate, weight_decay=1e-4)
     sched = warmup_cosine_scheduler(opt, cfg.warmup_steps, cfg.max_steps)
@@ -437,22 +489,34 @@ def _train_diffusion(cfg, args, accelerator, he, ihc, val, log, out, EMAModel) -
     accelerator.register_for_checkpointing(ema)
     start, _ = resume_training(accelerator, out, args.resume)
     scale = vae.config.scaling_factor
-    cache = PairLatentCache(vae, he, ihc, factor) if cfg.latent_cache else None
+    cache = PairLatentCache(vae, he, ihc, factor, prior=prior) if cfg.latent_cache else None
+    # a refiner only ever starts from the fast latent noised to strength x T: train those levels
+    t_max = max(1, int(round(cfg.diffusion_strength * cfg.num_train_timesteps))) if prior else cfg.num_train_timesteps
     for step in range(start, cfg.max_steps):
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        prior_latent = None
         if cache is not None:
-            cond, mean, std = (t.to(accelerator.device) for t in cache.batch(step, cfg))
+            drawn = [t.to(accelerator.device) for t in cache.batch(step, cfg)]
+            cond, mean, std = drawn[:3]
+            prior_latent = drawn[3] if prior is not None else None
             target = mean + std * torch.randn(mean.shape, generator=gen).to(mean)
         else:
             a, b = (t.to(accelerator.device) for t in crop_batch(he, ihc, step, cfg))
             with torch.no_grad():
                 cond = vae.encode(a * 2 - 1).latent_dist.mode() * scale
                 target = vae.encode(b * 2 - 1).latent_dist.sample(gen) * scale
+                if prior is not None:
+                    prior_latent = vae.encode(prior(a).clamp(0, 1) * 2 - 1).latent_dist.mode() * scale
         noise = torch.randn(target.shape, generator=gen).to(target)
-        t = torch.randint(0, cfg.num_train_timesteps, (len(target),), generator=gen).to(target.device)
+        t = torch.randint(0, t_max, (len(target),), generator=gen).to(target.device)
         with accelerator.accumulate(unet):
-            pred = unet(torch.cat([noise_scheduler.add_noise(target, noise, t), cond], 1), t).sample
-            loss = F.mse_loss(pred, noise)
+            noisy = noise_scheduler.add_noise(target, noise, t)
+            if prior_latent is None:
+                pred = unet(torch.cat([noisy, cond], 1), t).sample
+                loss = F.mse_loss(pred, noise)
+            else:  # the clean latent as the fast latent plus a residual
+                pred = unet(torch.cat([noisy, cond, prior_latent], 1), t).sample
+                loss = F.mse_loss(prior_latent + pred, target)
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(unet.parameters(), 1.0)
             opt.step()
@@ -465,7 +529,7 @@ def _train_diffusion(cfg, args, accelerator, he, ihc, val, log, out, EMAModel) -
         if done % cfg.validate_every == 0 or done == cfg.max_steps:
             model = accelerator.unwrap_model(unet)
             with ema_weights(ema, model):
-                pipe = make_pipeline(cfg, vae=vae, unet=model)
+                pipe = make_pipeline(cfg, generator=prior_generator, vae=vae, unet=model)
                 metrics = evaluate(pipe, val, "diffusion", out / "validation" / f"step_{done:06d}.png",
                                    steps=cfg.inference_steps)
             log.write(step=done, **{f"val_{k}": v for k, v in metrics.items()})
@@ -476,7 +540,7 @@ def _train_diffusion(cfg, args, accelerator, he, ihc, val, log, out, EMAModel) -
     ema.copy_to(model.parameters())
     model.eval()
     final = out / "final"
-    make_pipeline(cfg, vae=vae, unet=model).save_pretrained(final)
+    make_pipeline(cfg, generator=prior_generator, vae=vae, unet=model).save_pretrained(final)
     return final
 
 
