@@ -78,8 +78,13 @@ def generate_synthetic(args: argparse.Namespace, class_name: str, count: int) ->
     if args.tiny:
         folder = folder.with_name(folder.name + "_tiny")
     if (folder / "provenance.json").is_file():
-        print(f"  synthetic: reusing {folder}", flush=True)
-        return str(folder)
+        from pipelines.rare_generation import pipeline_digest
+
+        made_with = json.loads((folder / "provenance.json").read_text()).get("checkpoint_digest")
+        if made_with == pipeline_digest(args.generator):
+            print(f"  synthetic: reusing {folder}", flush=True)
+            return str(folder)
+        print(f"  synthetic: {folder} was drawn with other weights than {args.generator}; regenerating", flush=True)
     print(f"  synthetic: generating {count} patches of {class_name} with {args.generator} -> {folder}", flush=True)
     request = RareRequest(labels="hgsc_nest", classes=class_name, count=count, out=str(folder),
                           per_patch=args.per_patch, checkpoint=args.generator, seed=0, split="train",

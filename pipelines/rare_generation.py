@@ -204,6 +204,7 @@ def generate_rare(req: RareRequest, on_step: Step | None = None, log: Callable[[
                                    f"{expected}; nothing was written")
         provenance = {
             "request": asdict(req), "checkpoint": str(Path(req.checkpoint).resolve()),
+            "checkpoint_digest": pipeline_digest(req.checkpoint),
             "classes": {str(k): v for k, v in classes.items()}, "shape_statistics": stats.to_dict(),
             "requested_counts": requested, "written_counts": made,
             "written_counts_by_code": {str(k): v for k, v in sorted(written.items())},
@@ -226,6 +227,16 @@ def generate_rare(req: RareRequest, on_step: Step | None = None, log: Callable[[
     log(f"generated {generated}, accepted {len(accepted)}, rejected {rejected} "
         f"({provenance['rejection_rate']:.0%}) by the mask-agreement filter")
     return provenance
+
+
+def pipeline_digest(folder: str | Path) -> dict[str, str]:
+    """Component -> weights digest of a pipeline folder (symlinked components resolved): what
+    the samples were drawn with, so a cached dataset can tell it came from other weights."""
+    from pipelines.encoders import weights_digest
+
+    folder = Path(folder)
+    return {sub.name: weights_digest(sub.resolve()) for sub in sorted(folder.iterdir())
+            if sub.is_dir() and any(sub.resolve().glob("*.safetensors"))}
 
 
 def _class_counts(samples, conic: bool = False) -> dict[int, int]:

@@ -89,21 +89,32 @@ def export_ldm(run: Path) -> Path:
     return dst
 
 
-def export_virtual_ihc(runs: Path, stain: str) -> Path:
-    """runs/virtual_ihc_<stain> (fast) and, when finished, runs/virtual_ihc_<stain>_diffusion
-    -> one pipeline folder holding both translators (its vae is the diffusion run's: a symlink
-    to ../tile-vae only when it is byte-identical to it)."""
+def export_virtual_ihc(runs: Path, stain: str, diff_run: Path | None = None) -> Path:
+    """runs/virtual_ihc_<stain> (fast) and, when finished, the diffusion run (default
+    runs/virtual_ihc_<stain>_diffusion; ``--run`` e.g. runs/virtual_ihc_her2_refiner) -> one
+    pipeline folder holding both translators (its vae is the diffusion run's: a symlink to
+    ../tile-vae only when it is byte-identical to it). A refiner of the fast model
+    (``diffusion_prior="fast"``) ships with the fast generator it was trained on."""
+    import torch
+
     from pipelines.loading import latent_ddim
     from pipelines.virtual_ihc import VirtualIHCPipeline
 
-    fast_run, diff_run = runs / f"virtual_ihc_{stain}", runs / f"virtual_ihc_{stain}_diffusion"
+    fast_run = runs / f"virtual_ihc_{stain}"
+    diff_run = diff_run or runs / f"virtual_ihc_{stain}_diffusion"
     fast = VirtualIHCPipeline.from_pretrained(fast_run / "final")
     parts = {"generator": fast.generator}
     info = {"fast": provenance(fast_run, "virtual_ihc", f"virtual_ihc_{stain}.yaml")}
     if (diff_run / "final").is_dir():
         diff = VirtualIHCPipeline.from_pretrained(diff_run / "final")
-        parts.update(vae=diff.vae, unet=diff.unet, scheduler=latent_ddim(diff.scheduler.config))
-        info["diffusion"] = provenance(diff_run, "virtual_ihc", f"virtual_ihc_{stain}_diffusion.yaml")
+        parts.update(vae=diff.vae, unet=diff.unet, scheduler=latent_ddim(diff.scheduler.config),
+                     diffusion_prior=diff.diffusion_prior, diffusion_strength=diff.config.diffusion_strength)
+        if diff.diffusion_prior == "fast":
+            same = all(torch.equal(a, b) for a, b in zip(diff.generator.state_dict().values(),
+                                                         fast.generator.state_dict().values(), strict=True))
+            if not same:
+                raise SystemExit(f"{diff_run} refines another fast generator than {fast_run}/final; export refused")
+        info["diffusion"] = provenance(diff_run, "virtual_ihc", f"{diff_run.name}.yaml")
     dst = ship_pipeline(VirtualIHCPipeline(stain=stain, **parts), CKPT / f"virtual-ihc-{stain}")
     vae_run = Path(info.get("diffusion", {}).get("config", {}).get("vae", "")).parent
     if (dst / "vae").is_dir() and not (dst / "vae").is_symlink() and (vae_run / "config.json").is_file():
@@ -186,14 +197,22 @@ def link_identical(dst: Path, part: str, shipped: Path) -> bool:
 
 
 def export_mask_ldm(run: Path) -> Path:
-    """runs/controlnet/final -> checkpoints/mask-ldm. The base UNet and conditioner were frozen
-    during training, so they are symlinks to ../embedding-ldm when identical (checked bytewise)."""
+    """runs/controlnet/final (or ``--run``, e.g. runs/controlnet_balanced) -> checkpoints/mask-ldm.
+    The base UNet and conditioner were frozen during training, so they are symlinks to
+    ../embedding-ldm when identical (checked bytewise). A run fine-tuned from a shipped
+    checkpoint (``init_controlnet``) records that checkpoint's own provenance, so the chain of
+    commands that made the weights stays reproducible."""
     from pipelines.mask_to_image import MaskToImagePipeline
 
+    config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
+    extra: dict = {}
+    init = config.get("init_controlnet")
+    if init and (ROOT / init / "training.json").is_file():
+        extra["fine_tuned_from"] = json.loads((ROOT / init / "training.json").read_text())  # read before replacing
     dst = ship_pipeline(MaskToImagePipeline.from_pretrained(run / "final"), CKPT / "mask-ldm")
     linked = [part for part in ("unet", "conditioner") if link_identical(dst, part, CKPT / "embedding-ldm" / part)]
-    (dst / "training.json").write_text(json.dumps(provenance(run, "controlnet", "controlnet.yaml", {
-        "shared_with_embedding_ldm": linked}), indent=2) + "\n")
+    (dst / "training.json").write_text(json.dumps(provenance(run, "controlnet", f"{run.name}.yaml", {
+        "shared_with_embedding_ldm": linked, **extra}), indent=2) + "\n")
     return dst
 
 
@@ -204,8 +223,9 @@ def main() -> None:
                                          "mask-ldm"])
     parser.add_argument("--runs", type=Path, default=ROOT / "runs")
     parser.add_argument("--run", type=Path, default=None,
-                        help="stain-fuser*: the run folder (default runs/stain_fuser[_regressor]; e.g. "
-                             "runs/stain_fuser_prior for the recipe with the classical prior)")
+                        help="stain-fuser*, mask-ldm, virtual-ihc-*: the run folder (default runs/stain_fuser"
+                             "[_regressor], runs/controlnet, runs/virtual_ihc_<stain>_diffusion; e.g. "
+                             "runs/stain_fuser_prior, runs/controlnet_balanced, runs/virtual_ihc_her2_refiner)")
     parser.add_argument("--command", action="append", default=None, dest="commands",
                         help="the exact training commands, in order, when the run was not one plain recipe run "
                              "(e.g. resumed with a different --max-steps); repeatable")
@@ -229,11 +249,11 @@ def main() -> None:
         out = export_model(HoVerNetLite, args.runs / "segmenter" / "final", CKPT / "nuclei-segmenter",
                            provenance(args.runs / "segmenter", "segmenter", "segmenter.yaml"))
     elif args.what == "mask-ldm":
-        out = export_mask_ldm(args.runs / "controlnet")
+        out = export_mask_ldm(args.run or args.runs / "controlnet")
     elif args.what.startswith("stain-fuser"):
         out = export_stain_fuser(args.run or args.runs / args.what.replace("-", "_"), args.what)
     elif args.what.startswith("virtual-ihc-"):
-        out = export_virtual_ihc(args.runs, args.what.removeprefix("virtual-ihc-"))
+        out = export_virtual_ihc(args.runs, args.what.removeprefix("virtual-ihc-"), args.run)
     else:
         out = export_ldm(args.runs / "ldm")
     scrub_local_paths(out)

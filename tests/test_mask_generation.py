@@ -157,6 +157,10 @@ def test_generate_rare_writes_exact_counts_pannuke(tmp_path, mask_ckpt):
     prov = json.loads((out / "provenance.json").read_text())
     assert prov["requested_counts"] == prov["written_counts"] == {"dead": 6, "inflammatory": 6}
     assert prov["rejection_rate"] == 0 and (out / "preview.png").is_file()
+    from pipelines.rare_generation import pipeline_digest
+
+    # the weights it was drawn with, per component: a cache of generated data can tell when they change
+    assert prov["checkpoint_digest"] == pipeline_digest(mask_ckpt) and "controlnet" in prov["checkpoint_digest"]
 
 
 def test_generate_rare_conic_phantom_and_filter(tmp_path, mask_ckpt):
