@@ -345,3 +345,26 @@ def test_invalid_stain_matrix(layout):
         ph.render_he(layout, np.zeros((3, 2)), seed=0)
     with pytest.raises(InputError):
         ph.random_stain_matrix(0, strength=-1)
+
+
+def _touching(inst: np.ndarray) -> int:
+    """Nuclei with a 4-neighbour pixel of another nucleus."""
+    ids = set()
+    for a, b in ((inst[1:], inst[:-1]), (inst[:, 1:], inst[:, :-1])):
+        edge = (a > 0) & (b > 0) & (a != b)
+        ids |= set(a[edge].tolist()) | set(b[edge].tolist())
+    return len(ids)
+
+
+def test_crowded_preset_lets_nuclei_touch_and_stays_out_of_the_default_cycle():
+    """Solid nests and lymphocyte clusters have touching nuclei (what a threshold merges);
+    the crowded preset draws them, the other presets keep their free gap."""
+    from studio.data.phantom_dataset import phantom_samples
+
+    crowded = ph.sample_layout(256, seed=3, tissue="crowded")
+    tumour = ph.sample_layout(256, seed=3, tissue="tumor")
+    assert _touching(crowded.instance_map) >= 10 and crowded.n_nuclei > 60
+    assert _touching(tumour.instance_map) == 0
+    assert "crowded" in ph.TISSUE_PRESETS and "crowded" not in ph.DEFAULT_CYCLE
+    cycled = phantom_samples(len(ph.DEFAULT_CYCLE), seed=11, size=64)
+    assert [s.meta["tissue"] for s in cycled] == list(ph.DEFAULT_CYCLE)  # datasets drawn before keep their tiles

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from studio.data.base import NucleiSample
-from studio.data.phantom import TISSUE_PRESETS, make_phantom, random_stain_matrix
+from studio.data.phantom import DEFAULT_CYCLE, TISSUE_PRESETS, make_phantom, random_stain_matrix
 from studio.errors import InputError
 
 
@@ -22,11 +22,11 @@ def phantom_samples(
     mpp: float = 0.5,
 ) -> list[NucleiSample]:
     """``n`` phantom tiles; tile ``i`` uses seed ``seed + i`` (so a dataset can be grown
-    without changing its first tiles). ``tissue=None`` cycles through every preset;
+    without changing its first tiles). ``tissue=None`` cycles through :data:`DEFAULT_CYCLE`;
     ``stain_variation`` scales a random per-tile stain (0 = the reference H&E)."""
     if n < 1:
         raise InputError("--n", f"{n}; need at least one tile")
-    presets = [tissue] if tissue else list(TISSUE_PRESETS)
+    presets = [tissue] if tissue else list(DEFAULT_CYCLE)
     for p in presets:
         if p not in TISSUE_PRESETS:
             raise InputError("--tissue", f"{p!r}; choose one of {', '.join(TISSUE_PRESETS)}")
