@@ -21,7 +21,8 @@ for every variant; mean ± sd over seeds, paired differences to the baseline):
    rare-class generator (``checkpoints/mask-ldm``, mask-conditioned latent diffusion) draws
    ``--synthetic-n`` patches, each a label map of the *training* band with
    ``--per-patch`` extra nuclei of the scarce class, the labels being the conditioning
-   maps (cached under ``--out``). ``--synthetic phantom`` swaps in procedural phantom tiles
+   maps (cached under ``--out``; ``--synthetic-base phantom:stroma`` draws them on phantom
+   stroma layouts instead, the class in its own tissue). ``--synthetic phantom`` swaps in procedural phantom tiles
    rich in the class (exact labels, another domain), ``--synthetic DIR`` any dataset
    written by ``histostudio generate rare``.
 2. **phantom** -- the same on phantom data: train on phantom tiles, evaluate on held-out
@@ -74,7 +75,8 @@ def generate_synthetic(args: argparse.Namespace, class_name: str, count: int) ->
     request reuses it."""
     from pipelines.rare_generation import RareRequest, generate_rare
 
-    folder = args.out / f"generated_{class_name}_{count}x{args.per_patch}_seed0"
+    base = "" if args.synthetic_base == "hgsc_nest" else "_" + args.synthetic_base.replace(":", "_")
+    folder = args.out / f"generated_{class_name}_{count}x{args.per_patch}{base}_seed0"
     if args.tiny:
         folder = folder.with_name(folder.name + "_tiny")
     if (folder / "provenance.json").is_file():
@@ -86,11 +88,27 @@ def generate_synthetic(args: argparse.Namespace, class_name: str, count: int) ->
             return str(folder)
         print(f"  synthetic: {folder} was drawn with other weights than {args.generator}; regenerating", flush=True)
     print(f"  synthetic: generating {count} patches of {class_name} with {args.generator} -> {folder}", flush=True)
-    request = RareRequest(labels="hgsc_nest", classes=class_name, count=count, out=str(folder),
+    labels, _, tissue = args.synthetic_base.partition(":")
+    request = RareRequest(labels=labels, classes=class_name, count=count, out=str(folder), tissue=tissue or "tumor",
                           per_patch=args.per_patch, checkpoint=args.generator, seed=0, split="train",
                           size=128 if args.tiny else 256, steps=2 if args.tiny else 20, overwrite=True)
     generate_rare(request, log=lambda line: print(f"  {line}", flush=True))
     return str(folder)
+
+
+def synthetic_note(folder: str) -> str:
+    """What the synthetic set is, from the generator's own provenance record."""
+    prov_path = Path(folder) / "provenance.json"
+    prov = json.loads(prov_path.read_text()) if prov_path.is_file() else {}
+    req = prov.get("request", {})
+    if req.get("labels") == "hgsc_nest":
+        base = f"label maps of the hgsc_nest {req.get('split', 'train')} band"
+    elif req.get("labels") == "phantom":
+        base = f"phantom {req.get('tissue')} layouts (no real labels)"
+    else:
+        base = f"label maps from {req.get('labels', 'an unrecorded source')}"
+    return (f"Synthetic tiles: {folder}, written by the rare-class generator (mask-conditioned diffusion on {base}, "
+            f"{req.get('per_patch', '?')} nuclei of the scarce class each); labels are the conditioning maps.")
 
 
 def print_census(title: str, census: dict, chosen: str) -> None:
@@ -132,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
                         "stand-in) or a dataset folder written by `histostudio generate rare`; used by the real "
                         "part, the phantom part always uses phantom tiles")
     p.add_argument("--per-patch", type=int, default=6, help="scarce-class nuclei added to every generated patch")
+    p.add_argument("--synthetic-base", default="hgsc_nest",
+                   help="base label maps for 'generated': hgsc_nest (its training band) or phantom:<tissue> (e.g. "
+                        "phantom:stroma, to draw the scarce class in its own tissue)")
     p.add_argument("--generator", default="checkpoints/mask-ldm", help="MaskToImagePipeline folder for 'generated'")
     p.add_argument("--phantom-n", type=int, default=48, help="phantom tiles of part 2 (split 75/25)")
     p.add_argument("--stain-augment", action="store_true", help="add the stain-augmentation variant")
@@ -196,9 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         elif generated and not Path(args.synthetic).is_dir():
             p.error(f"--synthetic {args.synthetic}: no such dataset folder (write one with histostudio generate rare)")
         synthetic = synthetic_dir if generated else {"name": "phantom", "n": syn_n, "seed": 50_000}
-        generated_note = (f"Synthetic tiles: {synthetic_dir}, written by the rare-class generator "
-                          "(mask-conditioned diffusion on label maps of the *training* band only); labels are the "
-                          "conditioning maps.")
+        generated_note = synthetic_note(synthetic_dir) if generated else ""
         notes = ([generated_note] if generated else [STAND_IN_NOTE]) if part == "real" else [
             "Phantom part: real = phantom tiles (exact labels), held-out = a seeded 25 % of them; synthetic = other "
             "phantom tiles rich in the scarce class (same domain: the best case for added data)."]
