@@ -52,7 +52,7 @@ def naive_baseline(he: np.ndarray) -> np.ndarray:
 
 
 def run_method(method: str, pipe: VirtualIHCPipeline | None, he: np.ndarray, seed: int = 0, steps: int = 6,
-               batch: int = 8) -> tuple[np.ndarray, float]:
+               batch: int = 8, **diffusion: object) -> tuple[np.ndarray, float]:
     start = time.perf_counter()
     outs = []
     for i in range(0, len(he), batch):
@@ -60,8 +60,9 @@ def run_method(method: str, pipe: VirtualIHCPipeline | None, he: np.ndarray, see
         if method == "naive":
             outs.append(naive_baseline(part))
         else:
+            extra = diffusion if method == "diffusion" else {}
             img = pipe(part, model=method, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
-                       output_type="pt").images
+                       output_type="pt", **extra).images
             outs.append(to_uint8(img))
     return np.concatenate(outs), time.perf_counter() - start
 
@@ -84,6 +85,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--strength", type=float, default=None,
+                        help="fast-prior refiners: noise level sampling starts from (default: the trained one)")
+    parser.add_argument("--detail", default="prior", help="fast-prior refiners: prior or model")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path("docs"))
     args = parser.parse_args()
@@ -95,7 +99,11 @@ def main() -> None:
     stain = pipe.config.stain
     encoder = load_encoder("builtin")
     methods = ["naive", *pipe.models]
-    results: dict = {"checkpoint": args.checkpoint, "stain": stain, "n": args.n, "size": args.size}
+    refine = {}
+    if getattr(pipe.config, "diffusion_prior", "none") == "fast":
+        refine = {"strength": args.strength, "detail": args.detail}
+    results: dict = {"checkpoint": args.checkpoint, "stain": stain, "n": args.n, "size": args.size,
+                     "steps": args.steps, "refiner": refine}
     shown: dict[str, np.ndarray] = {}
     for setting, aligned in (("misregistered", False), ("aligned", True)):
         pairs = phantom_pairs(args.n, args.size, stain, seed=IHC_SEEDS_HELD_OUT, aligned=aligned)
@@ -104,7 +112,7 @@ def main() -> None:
         if setting == "misregistered":
             shown["H&E (held-out phantom)"], shown["IHC truth (misregistered)"] = he[:6], truth[:6]
         for method in methods:
-            pred, seconds = run_method(method, pipe, he, args.seed, args.steps)
+            pred, seconds = run_method(method, pipe, he, args.seed, args.steps, **refine)
             row = score(pred, truth, encoder)
             row["tiles_per_s"] = len(he) / seconds
             results.setdefault(setting, {})[method] = row
@@ -120,8 +128,8 @@ def main() -> None:
     rows = [(name, [(f"{i}", im) for i, im in enumerate(images)]) for name, images in shown.items()]
     rows.append(("real held-out H&E", [(f"{i}", im) for i, im in enumerate(real)]))
     for method in pipe.models:
-        a, _ = run_method(method, pipe, real, seed=7, steps=args.steps)
-        b, _ = run_method(method, pipe, real, seed=7, steps=args.steps)
+        a, _ = run_method(method, pipe, real, seed=7, steps=args.steps, **refine)
+        b, _ = run_method(method, pipe, real, seed=7, steps=args.steps, **refine)
         results.setdefault("real_he", {})[method] = {
             "deterministic_for_a_seed": bool(np.array_equal(a, b)),
             "dab_positive_pct": [round(100 * dab_positive_fraction(x), 2) for x in a]}
