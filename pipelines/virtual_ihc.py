@@ -265,7 +265,6 @@ class VirtualIHCPipeline(LocalPipeline, DiffusionPipeline):
             return (result,)
         return VirtualIHCPipelineOutput(images=result)
 
-
     def _refine(self, x: torch.Tensor, steps: int, strength: float, generator, detail: str,
                 progress: bool) -> torch.Tensor:
         """The fast-prior refiner: start from the fast image's latent noised to ``strength``;
