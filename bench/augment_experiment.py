@@ -70,17 +70,11 @@ def choose_class(census: dict, requested: str) -> str:
     return max(held, key=lambda name: (held[name], train.get(name, 0)))
 
 
-# Where each class lives: the phantom preset whose layouts give it its own surroundings. The
-# generator draws a nucleus like its neighbours (bench/synthetic_audit.py --render: connective
-# nuclei among lymphocytes are typed connective 33 %, on stroma layouts 94 %).
-HOME_TISSUE = {"connective": "stroma", "inflammatory": "inflamed", "neoplastic": "tumor", "epithelial": "glandular",
-               "dead": "necrotic"}
-
-
 def synthetic_base(requested: str, class_name: str) -> str:
-    if requested != "auto":
-        return requested
-    return f"phantom:{HOME_TISSUE.get(class_name, 'mixed')}"
+    """``auto``: phantom layouts of the class' home tissue (:data:`studio.layouts.HOME_TISSUE`)."""
+    from studio.layouts import home_tissue
+
+    return f"phantom:{home_tissue([class_name])}" if requested == "auto" else requested
 
 
 def generate_synthetic(args: argparse.Namespace, class_name: str, count: int) -> str:

@@ -53,7 +53,7 @@ class RareRequest:
     min_agreement: float = 0.6
     max_attempts: float = 3.0  # at most this many generated samples per requested one
     batch_size: int = 4
-    tissue: str = "tumor"  # phantom preset when labels == "phantom"
+    tissue: str = "tumor"  # phantom preset when labels == "phantom"; "home": where the classes live
     split: str = "train"  # hgsc_nest band when labels == "hgsc_nest"
     overwrite: bool = False
 
@@ -130,7 +130,7 @@ def generate_rare(req: RareRequest, on_step: Step | None = None, log: Callable[[
     from studio.data.base import NucleiSample
     from studio.data.registry import open_dataset, write_dataset
     from studio.io import atomic_write_text, to_uint8
-    from studio.layouts import LayoutEditor, LayoutSource
+    from studio.layouts import LayoutEditor, LayoutSource, home_tissue
 
     out = Path(req.out)
     if out.exists() and not req.overwrite:  # before loading anything
@@ -144,7 +144,8 @@ def generate_rare(req: RareRequest, on_step: Step | None = None, log: Callable[[
     pipe = MaskToImagePipeline.from_pretrained(req.checkpoint)
     classes = pipe.classes
     codes = _check_request(req, classes)
-    source = LayoutSource(req.labels, req.size, classes, split=req.split, tissue=req.tissue)
+    tissue = home_tissue([classes[c] for c in codes]) if req.tissue == "home" else req.tissue
+    source = LayoutSource(req.labels, req.size, classes, split=req.split, tissue=tissue)
     stats = source.stats()
     _room_check(stats, codes, req.per_patch, req.size, classes)
     editor = LayoutEditor(stats)
@@ -205,6 +206,7 @@ def generate_rare(req: RareRequest, on_step: Step | None = None, log: Callable[[
         provenance = {
             "request": asdict(req), "checkpoint": str(Path(req.checkpoint).resolve()),
             "checkpoint_digest": pipeline_digest(req.checkpoint),
+            **({"phantom_tissue": tissue} if req.labels == "phantom" else {}),
             "classes": {str(k): v for k, v in classes.items()}, "shape_statistics": stats.to_dict(),
             "requested_counts": requested, "written_counts": made,
             "written_counts_by_code": {str(k): v for k, v in sorted(written.items())},

@@ -595,7 +595,9 @@ def generate_rare(
                                                       "stand out from their surroundings.")] = 0.6,
     max_attempts: Annotated[float, typer.Option(help="At most this many generated samples per requested one.")
                             ] = 3.0,
-    tissue: Annotated[str, typer.Option(help="Phantom tissue preset (with --labels phantom).")] = "tumor",
+    tissue: Annotated[str, typer.Option(help="Phantom tissue preset (with --labels phantom), or 'home': the tissue "
+                                             "the classes live in (connective -> stroma, inflammatory -> inflamed, "
+                                             "...), where the generator draws them best.")] = "tumor",
     seed: Annotated[int, typer.Option(help="Seed (layouts and noise).")] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")] = False,
 ) -> None:

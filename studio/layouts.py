@@ -342,6 +342,20 @@ class LayoutEditor:
         return out
 
 
+# Where each class lives: the phantom preset that gives its nuclei their own surroundings.
+# Why it matters: the mask-conditioned generator draws a nucleus like its neighbours; connective
+# nuclei added among lymphocytes come out lymphocyte-like (typed connective 33 % by the shipped
+# segmenter), on stroma layouts spindle-shaped (94 %; bench/synthetic_audit.py, README).
+HOME_TISSUE: dict[str, str] = {"connective": "stroma", "inflammatory": "inflamed", "neoplastic": "tumor",
+                               "epithelial": "glandular", "dead": "necrotic"}
+
+
+def home_tissue(class_names: Sequence[str]) -> str:
+    """The phantom preset for drawing ``class_names``: their shared home tissue, else "mixed"."""
+    homes = {HOME_TISSUE.get(name.lower(), "mixed") for name in class_names}
+    return homes.pop() if len(homes) == 1 else "mixed"
+
+
 # --------------------------------------------------------------------------- sources
 class LayoutSource:
     """Base label maps to edit: crops of a dataset, of the shipped tile, or phantom layouts.

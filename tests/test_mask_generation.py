@@ -178,6 +178,21 @@ def test_generate_rare_conic_phantom_and_filter(tmp_path, mask_ckpt):
     assert not strict.exists() and not list(tmp_path.glob(".strict*"))
 
 
+def test_generate_rare_draws_a_class_in_its_home_tissue(tmp_path, mask_ckpt):
+    from studio.layouts import home_tissue
+
+    assert home_tissue(["connective"]) == "stroma" and home_tissue(["Inflammatory"]) == "inflamed"
+    assert home_tissue(["connective", "dead"]) == "mixed"  # no shared home: the mixed preset
+    out = tmp_path / "home"
+    result = CliRunner().invoke(app, ["generate", "rare", "--labels", "phantom", "--tissue", "home", "--classes",
+                                      "connective", "--count", "1", "--per-patch", "2", "--size", "64", "--steps", "1",
+                                      "--min-agreement", "0", "--checkpoint", mask_ckpt, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["request"]["tissue"] == "home" and prov["phantom_tissue"] == "stroma"
+    assert "stroma" in open_dataset(out).read(0).meta["parent"]
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--classes", "dead,neutrophils"], "unknown class 'neutrophils'"),
     (["--classes", "dead", "--format", "conic"], "CoNIC has no class for dead"),
