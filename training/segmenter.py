@@ -188,12 +188,12 @@ class BatchSampler:
         """Top-left corner of one crop of sample ``s``: uniform, or centred on a class-balanced nucleus."""
         h, w = s.inst.shape
         if self.class_balance > 0 and rng.random() < self.class_balance:
-            cls = np.asarray(s.cls)
-            present = np.unique(cls[(cls > 0) & (np.asarray(s.inst) > 0)])
+            cls, inst = np.asarray(s.cls), np.asarray(s.inst)
+            present = np.unique(cls[(cls > 0) & (inst > 0)])
             if present.size:
                 code = present[int(rng.integers(present.size))]
-                ys, xs = np.nonzero((cls == code) & (np.asarray(s.inst) > 0))
-                ids = np.asarray(s.inst)[ys, xs]
+                ys, xs = np.nonzero((cls == code) & (inst > 0))
+                ids = inst[ys, xs]
                 nid = rng.choice(np.unique(ids))
                 cy, cx = ys[ids == nid].mean(), xs[ids == nid].mean()
                 jitter = rng.integers(-self.crop // 4, self.crop // 4 + 1, size=2)
