@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipelines.encoders import load_model_folder
     from studio.data.ihc_pairs import IHC_SEEDS_HELD_OUT, phantom_pairs
+    from training.utils import latest_checkpoint
     from training.virtual_ihc import PairLatentCache, VirtualIHCConfig, diffusion_unet
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -41,8 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     cfg = VirtualIHCConfig(**{k: v for k, v in json.loads((args.run / "config.json").read_text()).items()
                               if k in VirtualIHCConfig.__dataclass_fields__})
-    folders = sorted((args.run / "checkpoints").glob("checkpoint_*"), key=lambda f: int(f.name.split("_")[-1]))
-    folder = args.run / "checkpoints" / args.checkpoint if args.checkpoint else folders[-1]
+    if cfg.diffusion_prior != "none":
+        p.error(f"{args.run} trains a refiner (diffusion_prior={cfg.diffusion_prior!r}); this bench measures "
+                "translators that denoise from the H&E condition alone")
+    folder = args.run / "checkpoints" / args.checkpoint if args.checkpoint else latest_checkpoint(args.run)
+    if folder is None or not folder.is_dir():
+        p.error(f"{args.run}: no checkpoint {args.checkpoint or '(none saved yet)'}")
     vae = load_model_folder(AutoencoderKL, Path(cfg.vae)).eval()
     unet = diffusion_unet(cfg, vae)
     unet.load_state_dict(load_file(folder / "model.safetensors"))

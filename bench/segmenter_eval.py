@@ -29,7 +29,14 @@ import torch
 
 from pipelines.segmenter import NucleiSegmenter
 from studio.data.samples import load_hgsc_nest_labels, load_sample
-from studio.metrics import binary_pq_dataset, detection_f1, dice, instance_centroids, multi_pq_plus
+from studio.metrics import (
+    binary_pq_dataset,
+    detection_confusion,
+    detection_f1,
+    dice,
+    instance_centroids,
+    multi_pq_plus,
+)
 from studio.nuclei import threshold_watershed_baseline
 from studio.report import contact_sheet, overlay_labels, save_png
 
@@ -47,6 +54,13 @@ def score(truth: list[tuple[np.ndarray, np.ndarray]], pred: list[tuple[np.ndarra
            "dice": float(np.mean([dice(t, p) for t, p in zip(ti, pi, strict=True)])),
            "nuclei_true": int(sum(len(np.unique(t[t > 0])) for t in ti)),
            "nuclei_pred": int(sum(len(np.unique(p[p > 0])) for p in pi))}
+    # what is missed, by true class, and how many detections match nothing (any method: the
+    # baseline's nuclei count as one class, only the true class of a missed nucleus matters)
+    confusion = sum(detection_confusion(t[0], t[1], p[0], p[1] if p[1] is not None else (p[0] > 0).astype(np.uint8),
+                                        num_classes) for t, p in zip(truth, pred, strict=True))
+    out["missed_per_class"] = {str(c): [int(confusion[c, 0]), int(confusion[c].sum())]
+                               for c in range(1, num_classes + 1) if confusion[c].sum()}
+    out["false_detections"] = int(confusion[0].sum())
     if all(p[1] is not None for p in pred):
         m = multi_pq_plus(ti, [t[1] for t in truth], pi, [p[1] for p in pred], num_classes)
         out["mpq_plus"] = m["mpq_plus"]
@@ -168,6 +182,12 @@ def main() -> None:
             mpq = f"{r['mpq_plus']:.3f}" if "mpq_plus" in r else "-"
             print(f"| {label} | {method} | {r['pq']:.3f} | {r['dq']:.3f} | {r['sq']:.3f} | {r['f1']:.3f} | "
                   f"{r['dice']:.3f} | {mpq} | {r['nuclei_true']} / {r['nuclei_pred']} |")
+    print("\nmissed / labelled nuclei per true class (PanNuke codes), false detections:")
+    for key in results:
+        if key.startswith("phantom"):
+            for method in ("segmenter", "baseline"):
+                r = results[key][method]
+                print(f"  {key} {method}: {r['missed_per_class']}, false {r['false_detections']}")
     for name, r in results["unseen_tissue"].items():
         print(f"{name} at {r['mpp']} um/px: {r['nuclei_per_100um2']} nuclei per 100x100 um (baseline "
               f"{r['baseline_per_100um2']}; baseline nucleus area {r['baseline_nucleus_area_vs_hgsc']}x hgsc's), "

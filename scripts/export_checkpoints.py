@@ -110,8 +110,11 @@ def export_virtual_ihc(runs: Path, stain: str, diff_run: Path | None = None) -> 
         parts.update(vae=diff.vae, unet=diff.unet, scheduler=latent_ddim(diff.scheduler.config),
                      diffusion_prior=diff.diffusion_prior, diffusion_strength=diff.config.diffusion_strength)
         if diff.diffusion_prior == "fast":
-            same = all(torch.equal(a, b) for a, b in zip(diff.generator.state_dict().values(),
-                                                         fast.generator.state_dict().values(), strict=True))
+            # Compared at the shipped precision: the refiner trained on the fp16-exported fast
+            # generator, so its float32 copy differs in bytes from the fast run's own weights.
+            same = all(torch.equal(a.half(), b.half()) for a, b in zip(diff.generator.state_dict().values(),
+                                                                       fast.generator.state_dict().values(),
+                                                                       strict=True))
             if not same:
                 raise SystemExit(f"{diff_run} refines another fast generator than {fast_run}/final; export refused")
         info["diffusion"] = provenance(diff_run, "virtual_ihc", f"{diff_run.name}.yaml")
@@ -129,16 +132,12 @@ def link_shipped_vae(dst: Path) -> bool:
     git) when it *is* the tile VAE: same weights bytes and the same config apart from local
     paths. A VAE fine-tuned for the pipeline (the latent IHC translator's H&E + IHC VAE) is
     kept as its own folder; linking it would silently swap in a VAE the model never saw."""
+    from pipelines.encoders import weights_digest
+
     ours, shipped = dst / "vae", CKPT / "tile-vae"
     if not ours.is_dir() or ours.is_symlink():
         return False
-
-    def identity(folder: Path) -> tuple[dict, bytes]:
-        config = json.loads((folder / "config.json").read_text())
-        config.pop("_name_or_path", None)
-        return config, (folder / "diffusion_pytorch_model.safetensors").read_bytes()
-
-    if not (shipped / "config.json").is_file() or identity(ours) != identity(shipped):
+    if not (shipped / "config.json").is_file() or weights_digest(ours) != weights_digest(shipped):
         print(f"{ours}: not the shipped tile-vae (weights or config differ); kept as its own folder")
         return False
     shutil.rmtree(ours)

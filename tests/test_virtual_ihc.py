@@ -209,16 +209,19 @@ def test_diffusion_recipe_trains_from_cached_latents_and_resumes(tmp_path):
 def test_refiner_recipe_trains_on_the_shipped_fast_model_and_saves_both(tmp_path):
     import yaml
 
+    from studio.info import checkpoints_dir
+
+    shipped_folder = checkpoints_dir() / "virtual-ihc-her2"  # a local folder, never a hub id
     recipe = yaml.safe_load(open("training/recipes/virtual_ihc_her2_refiner.yaml"))
     recipe.update(output_dir=str(tmp_path / "run"), phantom_pairs=2, real_pairs=False, pair_size=96, crop_size=64,
                   batch_size=2, max_steps=2, validate_every=2, checkpoint_every=2, val_pairs=2, unet_channels=[32, 32],
-                  inference_steps=2, vae="checkpoints/tile-vae")
+                  inference_steps=2, vae=str(checkpoints_dir() / "tile-vae"), prior_checkpoint=str(shipped_folder))
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     from training.virtual_ihc import main
 
     final = main(["--config", str(tmp_path / "r.yaml")])
     pipe = VirtualIHCPipeline.from_pretrained(final)
-    shipped = VirtualIHCPipeline.from_pretrained("checkpoints/virtual-ihc-her2")
+    shipped = VirtualIHCPipeline.from_pretrained(shipped_folder)
     assert pipe.models == ["fast", "diffusion"] and pipe.config.diffusion_prior == "fast"
     assert all(torch.equal(a, b) for a, b in zip(pipe.generator.state_dict().values(),
                                                   shipped.generator.state_dict().values(), strict=True))

@@ -212,12 +212,13 @@ def init_controlnet(cfg: ControlNetConfig, unet, num_classes: int, latent_factor
         return fresh
     from diffusers import ControlNetModel
 
+    from pipelines.encoders import load_model_folder
     from pipelines.loading import check_pipeline_folder
     from studio.errors import WeightsError
 
     folder = Path(cfg.init_controlnet)
     check_pipeline_folder(folder, required=("controlnet",))
-    trained = ControlNetModel.from_pretrained(folder / "controlnet", use_safetensors=True)
+    trained = load_model_folder(ControlNetModel, folder / "controlnet")
     want = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
     have = {k: tuple(v.shape) for k, v in trained.state_dict().items()}
     if want != have:

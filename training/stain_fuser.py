@@ -279,13 +279,13 @@ def main(argv: list[str] | None = None) -> Path:
         src_lat, tgt_lat, stats = batch["source"], batch["target"], batch["stats"]
         # As in StainFuserPipeline.__call__: the condition is the source (and the prior), the
         # regressor's input the prior when there is one, and its output a residual on it.
-        start = batch.get("prior", src_lat)
+        base = batch.get("prior", src_lat)
         cond = torch.cat([src_lat, batch["prior"]], 1) if "prior" in batch else src_lat
         with accelerator.accumulate(model):
             if cfg.mode == "regressor":
                 t0 = torch.zeros(len(src_lat), dtype=torch.long, device=src_lat.device)
-                pred = model(torch.cat([start, cond], 1), t0, stats)
-                loss = F.l1_loss(pred + start if "prior" in batch else pred, tgt_lat)
+                pred = model(torch.cat([base, cond], 1), t0, stats)
+                loss = F.l1_loss(pred + base if "prior" in batch else pred, tgt_lat)
             else:
                 noise = torch.randn(tgt_lat.shape, generator=gen).to(tgt_lat)
                 t = torch.randint(0, cfg.num_train_timesteps, (len(src_lat),), generator=gen).to(src_lat.device)
