@@ -86,8 +86,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--strength", type=float, default=None,
-                        help="fast-prior refiners: noise level sampling starts from (default: the trained one)")
-    parser.add_argument("--detail", default="prior", help="fast-prior refiners: prior or model")
+                        help="fast-prior and residual translators: noise level sampling starts from "
+                             "(default: the trained one)")
+    parser.add_argument("--detail", default="prior", help="fast-prior and residual translators: prior or model")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path("docs"))
     args = parser.parse_args()
@@ -100,7 +101,7 @@ def main() -> None:
     encoder = load_encoder("builtin")
     methods = ["naive", *pipe.models]
     refine = {}
-    if getattr(pipe.config, "diffusion_prior", "none") == "fast":
+    if getattr(pipe.config, "diffusion_prior", "none") != "none":
         refine = {"strength": args.strength, "detail": args.detail}
     results: dict = {"checkpoint": args.checkpoint, "stain": stain, "n": args.n, "size": args.size,
                      "steps": args.steps, "refiner": refine}

@@ -19,6 +19,16 @@ chosen per call with ``model=``:
   Why: a latent denoiser trained from scratch on 2 CPU cores learned IHC colours but not
   which cells are positive; the fast model already knows that (DAB-area r 0.85).
 
+  With ``config.diffusion_prior = "residual"`` the diffusion translator *generates the
+  correction to the fast translator* (residual diffusion, after ResShift / SR3-style residual
+  models): the variable diffused is ``(IHC latent - fast latent) / residual_scale``, sampled
+  from noise (v-prediction, any DDIM-family scheduler) with the H&E and fast latents as the
+  condition, and the output is the fast latent plus the sampled residual. Why: a refiner
+  that predicts the clean latent from a noised fast latent returns the *mean* over which
+  membranes are positive -- faded DAB at every noised start; a sampler of the residual draws
+  one outcome, and its mean is zero, so a weak residual model still keeps the fast model's DAB.
+  ``strength < 1`` starts from a zero residual noised to that level (trust the fast model more).
+
 A pipeline folder holds one stain (``config.stain``); either translator may be absent
 (``None`` in ``model_index.json``), and asking for a missing one is a clear error.
 """
@@ -44,12 +54,13 @@ from pipelines.loading import LocalPipeline
 from studio.errors import InputError, WeightsError
 
 MODELS = ("fast", "diffusion")
-DIFFUSION_PRIORS = ("none", "fast")
+DIFFUSION_PRIORS = ("none", "fast", "residual")
+PRIOR_PREDICTION = {"fast": "sample", "residual": "v_prediction"}  # what each prior's UNet predicts
 
 
 def diffusion_in_channels(prior: str, latent_channels: int) -> int:
-    """The diffusion translator's UNet input: noisy IHC latent + H&E latent (+ fast-prior latent)."""
-    return (3 if prior == "fast" else 2) * latent_channels
+    """The diffusion translator's UNet input: noisy IHC latent (or residual) + H&E latent (+ fast-prior latent)."""
+    return (2 if prior == "none" else 3) * latent_channels
 
 
 # --------------------------------------------------------------------------- fast generator
@@ -134,7 +145,8 @@ class VirtualIHCPipeline(LocalPipeline, DiffusionPipeline):
 
     def __init__(self, generator: IHCGenerator | None = None, vae: AutoencoderKL | None = None,
                  unet: UNet2DModel | None = None, scheduler: KarrasDiffusionSchedulers | SchedulerMixin | None = None,
-                 stain: str = "her2", diffusion_prior: str = "none", diffusion_strength: float = 0.6):
+                 stain: str = "her2", diffusion_prior: str = "none", diffusion_strength: float = 0.6,
+                 residual_scale: float = 1.0):
         super().__init__()
         from studio.data.ihc_pairs import check_stain
 
@@ -146,13 +158,17 @@ class VirtualIHCPipeline(LocalPipeline, DiffusionPipeline):
                 raise WeightsError("unet", f"takes {unet.config.in_channels} input channels; diffusion_prior="
                                            f"{diffusion_prior!r} with a {vae.config.latent_channels}-channel VAE "
                                            f"needs {want}")
-            if diffusion_prior == "fast" and scheduler is not None \
-                    and scheduler.config.get("prediction_type") != "sample":
-                raise WeightsError("scheduler", "a fast-prior refiner predicts the clean latent; its scheduler "
-                                                "needs prediction_type='sample'")
+            want_prediction = PRIOR_PREDICTION.get(diffusion_prior)
+            if want_prediction and scheduler is not None \
+                    and scheduler.config.get("prediction_type") != want_prediction:
+                raise WeightsError("scheduler", f"a {diffusion_prior!r}-prior translator's UNet predicts "
+                                                f"{want_prediction}; its scheduler has prediction_type="
+                                                f"{scheduler.config.get('prediction_type')!r}")
+        if not residual_scale > 0:
+            raise InputError("residual_scale", f"{residual_scale}; must be > 0")
         self.register_modules(generator=generator, vae=vae, unet=unet, scheduler=scheduler)
         self.register_to_config(stain=check_stain(stain), diffusion_prior=diffusion_prior,
-                                diffusion_strength=float(diffusion_strength))
+                                diffusion_strength=float(diffusion_strength), residual_scale=float(residual_scale))
 
     @property
     def models(self) -> list[str]:
@@ -161,7 +177,7 @@ class VirtualIHCPipeline(LocalPipeline, DiffusionPipeline):
         if self.generator is not None:
             have.append("fast")
         if self.unet is not None and self.vae is not None and self.scheduler is not None \
-                and (self.diffusion_prior != "fast" or self.generator is not None):
+                and (self.diffusion_prior == "none" or self.generator is not None):
             have.append("diffusion")
         return have
 
@@ -173,7 +189,7 @@ class VirtualIHCPipeline(LocalPipeline, DiffusionPipeline):
         if model == "fast":
             return self.generator.factor
         f = 2 ** (len(self.vae.config.block_out_channels) - 1) * 2 ** (len(self.unet.config.block_out_channels) - 1)
-        return max(f, self.generator.factor) if self.diffusion_prior == "fast" else f
+        return f if self.diffusion_prior == "none" else max(f, self.generator.factor)
 
     def encode(self, tiles: torch.Tensor) -> torch.Tensor:
         """RGB [0, 1] -> scaled latents (posterior mean: the condition is deterministic)."""
@@ -217,10 +233,11 @@ class VirtualIHCPipeline(LocalPipeline, DiffusionPipeline):
             num_inference_steps: diffusion steps (few-step sampler; ignored by "fast").
             generator: seeds the diffusion noise (same seed, same output).
             output_type: "pil", "np" (float ``(B, H, W, 3)`` in [0, 1]) or "pt".
-            strength: fast-prior refiners only: how far the fast latent is noised before
-                denoising (0..1; ``strength x steps`` steps run); default: the trained value.
-            detail: fast-prior refiners only: "prior" carries the refiner's change onto the
-                fast image's pixels, "model" decodes the refined latent as is.
+            strength: fast-prior refiners: how far the fast latent is noised before
+                denoising; residual translators: the noise level sampling starts from
+                (1 = pure noise). 0..1; ``strength x steps`` steps run; default: the trained value.
+            detail: fast-prior and residual translators: "prior" carries the diffusion
+                model's change onto the fast image's pixels, "model" decodes its latent as is.
         """
         if model not in MODELS:
             raise InputError("model", f"{model!r}; choose fast or diffusion")
@@ -244,6 +261,8 @@ class VirtualIHCPipeline(LocalPipeline, DiffusionPipeline):
             out = self.generator(x.to(self.generator.dtype))
         elif self.diffusion_prior == "fast":
             out = self._refine(x, num_inference_steps, strength, generator, detail, progress)
+        elif self.diffusion_prior == "residual":
+            out = self._residual(x, num_inference_steps, strength, generator, detail, progress)
         else:
             cond = self.encode(x.to(self.vae.dtype))
             latents = randn_tensor(cond.shape, generator=generator, device=self.device, dtype=cond.dtype)
@@ -280,6 +299,33 @@ class VirtualIHCPipeline(LocalPipeline, DiffusionPipeline):
         for t in self.progress_bar(timesteps) if progress else timesteps:
             residual = self.unet(torch.cat([latents, cond, prior_latent], dim=1), t).sample
             latents = self.scheduler.step(prior_latent + residual, t, latents).prev_sample
+        return self._finish(prior, prior_latent, latents, detail)
+
+    def _residual(self, x: torch.Tensor, steps: int, strength: float, generator, detail: str,
+                  progress: bool) -> torch.Tensor:
+        """Residual diffusion: sample ``(IHC latent - fast latent) / residual_scale`` from noise
+        (or from a zero residual noised to ``strength``), conditioned on the H&E and fast latents."""
+        prior = self.generator(x.to(self.generator.dtype)).float().clamp(0, 1)
+        cond = self.encode(x.to(self.vae.dtype))
+        prior_latent = self.encode(prior.to(self.vae.dtype))
+        self.scheduler.set_timesteps(steps, device=self.device)
+        run = max(1, min(steps, int(round(steps * strength))))
+        timesteps = self.scheduler.timesteps[steps - run:]
+        noise = randn_tensor(prior_latent.shape, generator=generator, device=self.device, dtype=prior_latent.dtype)
+        # a zero residual noised to the first timestep (strength 1: the scheduler's pure noise)
+        residual = noise * self.scheduler.init_noise_sigma if run == steps else \
+            self.scheduler.add_noise(torch.zeros_like(noise), noise, timesteps[:1].repeat(len(x)))
+        for t in self.progress_bar(timesteps) if progress else timesteps:
+            model_in = self.scheduler.scale_model_input(residual, t)
+            pred = self.unet(torch.cat([model_in, cond, prior_latent], dim=1), t).sample
+            residual = self.scheduler.step(pred, t, residual).prev_sample
+        latents = prior_latent + residual * float(self.config.get("residual_scale", 1.0))
+        return self._finish(prior, prior_latent, latents, detail)
+
+    def _finish(self, prior: torch.Tensor, prior_latent: torch.Tensor, latents: torch.Tensor,
+                detail: str) -> torch.Tensor:
+        """Decode the diffusion latent; with ``detail="prior"`` carry only its change from the
+        fast latent onto the fast image's pixels (the tile VAE's own blur cancels)."""
         refined = self.decode(latents)
         if detail == "model":
             return refined

@@ -94,7 +94,7 @@ def export_virtual_ihc(runs: Path, stain: str, diff_run: Path | None = None) -> 
     runs/virtual_ihc_<stain>_diffusion; ``--run`` e.g. runs/virtual_ihc_her2_refiner) -> one
     pipeline folder holding both translators (its vae is the diffusion run's: a symlink to
     ../tile-vae only when it is byte-identical to it). A refiner of the fast model
-    (``diffusion_prior="fast"``) ships with the fast generator it was trained on."""
+    (``diffusion_prior="fast"`` or ``"residual"``) ships with the fast generator it was trained on."""
     import torch
 
     from pipelines.loading import latent_ddim
@@ -108,8 +108,9 @@ def export_virtual_ihc(runs: Path, stain: str, diff_run: Path | None = None) -> 
     if (diff_run / "final").is_dir():
         diff = VirtualIHCPipeline.from_pretrained(diff_run / "final")
         parts.update(vae=diff.vae, unet=diff.unet, scheduler=latent_ddim(diff.scheduler.config),
-                     diffusion_prior=diff.diffusion_prior, diffusion_strength=diff.config.diffusion_strength)
-        if diff.diffusion_prior == "fast":
+                     diffusion_prior=diff.diffusion_prior, diffusion_strength=diff.config.diffusion_strength,
+                     residual_scale=diff.config.get("residual_scale", 1.0))
+        if diff.diffusion_prior != "none":
             # Compared at the shipped precision: the refiner trained on the fp16-exported fast
             # generator, so its float32 copy differs in bytes from the fast run's own weights.
             same = all(torch.equal(a.half(), b.half()) for a, b in zip(diff.generator.state_dict().values(),

@@ -273,6 +273,27 @@ def test_training_smoke(tmp_path):
     assert all(set(r["sources"]) <= {"real", "phantom"} for r in steps)
     assert any("val_pq" in r and "val_mpq_plus" in r for r in log)
 
+    # fine-tuning: the first run's weights start a second one with class-balanced crops and
+    # phantom sources of chosen tissue / class mix; another architecture is refused by name
+    from dataclasses import replace
+
+    from pipelines.encoders import load_model_folder
+    from pipelines.segmenter import HoVerNetLite
+    from training.segmenter import build_model, init_weights
+
+    tuned = replace(cfg, output_dir=str(tmp_path / "tuned"), init_from=str(final), class_balance=0.5,
+                    sources=({"name": "phantom", "n": 2, "tissue": "crowded", "weight": 1.0},
+                             {"name": "phantom", "n": 2, "seed": 50, "class_mix": {"dead": 1.0}, "weight": 1.0}))
+    model = build_model(tuned, 5, list(seg.class_names.values()))
+    init_weights(model, final)
+    start = load_model_folder(HoVerNetLite, final).state_dict()
+    assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())
+    assert NucleiSegmenter.from_pretrained(train(tuned)).num_classes == 5
+    with pytest.raises(InputError, match="does not match"):
+        init_weights(build_model(replace(cfg, widths=(8, 16, 32)), 5, list(seg.class_names.values())), final)
+    with pytest.raises(InputError, match="unknown keys"):
+        train(replace(tuned, sources=({"name": "phantom", "n": 2, "colour": "red"},)))
+
 
 def test_image_mpp_resamples_to_the_model_resolution(hgsc, monkeypatch):
     """A 10x-like image (half the model's resolution) is segmented at the model's scale and

@@ -144,7 +144,7 @@ def test_fast_prior_refiner_starts_as_the_fast_model_and_checks_its_parts(tmp_pa
         pipe(he, model="diffusion", strength=0.0)
     with pytest.raises(WeightsError, match="needs 12"):
         VirtualIHCPipeline(*_tiny_refiner_parts(in_channels=8)[:3], diffusion_prior="fast")
-    with pytest.raises(WeightsError, match="prediction_type='sample'"):
+    with pytest.raises(WeightsError, match="predicts sample"):
         VirtualIHCPipeline(*_tiny_refiner_parts(prediction_type="epsilon"), diffusion_prior="fast")
     with pytest.raises(InputError, match="diffusion_prior"):
         VirtualIHCPipeline(diffusion_prior="gan")
@@ -206,13 +206,44 @@ def test_diffusion_recipe_trains_from_cached_latents_and_resumes(tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "checkpoint_3").is_dir()
 
 
-def test_refiner_recipe_trains_on_the_shipped_fast_model_and_saves_both(tmp_path):
+def test_residual_translator_adds_a_sampled_residual_to_the_fast_latent(tmp_path):
+    """Residual diffusion: the output is the fast latent plus ``residual_scale`` x a residual
+    sampled from noise -- seeded, different per seed, and exactly the fast image when the
+    residual's scale vanishes (whatever the UNet says)."""
+    generator, vae, unet, scheduler = _tiny_refiner_parts(prediction_type="v_prediction")
+    he = np.ascontiguousarray(load_sample("hgsc_nest")[:64, :64])
+    pipe = VirtualIHCPipeline(generator=generator, vae=vae, unet=unet, scheduler=scheduler,
+                              diffusion_prior="residual", diffusion_strength=1.0, residual_scale=0.5)
+    fast = pipe(he, output_type="np").images
+
+    def sample(p, seed, **kw):
+        return p(he, model="diffusion", num_inference_steps=3, generator=torch.manual_seed(seed),
+                 output_type="np", **kw).images
+
+    a, b = sample(pipe, 0), sample(pipe, 1)
+    np.testing.assert_array_equal(a, sample(pipe, 0))
+    assert np.abs(a - b).mean() > 1e-3 and np.abs(a - fast).mean() > 1e-3
+    pipe.save_pretrained(tmp_path / "p")
+    loaded = VirtualIHCPipeline.from_pretrained(tmp_path / "p")
+    assert loaded.config.diffusion_prior == "residual" and loaded.config.residual_scale == 0.5
+    np.testing.assert_allclose(sample(loaded, 0), a, atol=1e-5)
+    tiny = VirtualIHCPipeline(generator=generator, vae=vae, unet=unet, scheduler=scheduler,
+                              diffusion_prior="residual", residual_scale=1e-9)
+    np.testing.assert_allclose(sample(tiny, 0), fast, atol=2e-3)
+    with pytest.raises(WeightsError, match="predicts v_prediction"):
+        VirtualIHCPipeline(*_tiny_refiner_parts(prediction_type="sample"), diffusion_prior="residual")
+    with pytest.raises(InputError, match="residual_scale"):
+        VirtualIHCPipeline(diffusion_prior="residual", residual_scale=0.0)
+
+
+@pytest.mark.parametrize("recipe_name", ["virtual_ihc_her2_refiner", "virtual_ihc_her2_residual"])
+def test_prior_recipes_train_on_the_shipped_fast_model_and_save_both(tmp_path, recipe_name):
     import yaml
 
     from studio.info import checkpoints_dir
 
     shipped_folder = checkpoints_dir() / "virtual-ihc-her2"  # a local folder, never a hub id
-    recipe = yaml.safe_load(open("training/recipes/virtual_ihc_her2_refiner.yaml"))
+    recipe = yaml.safe_load(open(f"training/recipes/{recipe_name}.yaml"))
     recipe.update(output_dir=str(tmp_path / "run"), phantom_pairs=2, real_pairs=False, pair_size=96, crop_size=64,
                   batch_size=2, max_steps=2, validate_every=2, checkpoint_every=2, val_pairs=2, unet_channels=[32, 32],
                   inference_steps=2, vae=str(checkpoints_dir() / "tile-vae"), prior_checkpoint=str(shipped_folder))
@@ -222,7 +253,9 @@ def test_refiner_recipe_trains_on_the_shipped_fast_model_and_saves_both(tmp_path
     final = main(["--config", str(tmp_path / "r.yaml")])
     pipe = VirtualIHCPipeline.from_pretrained(final)
     shipped = VirtualIHCPipeline.from_pretrained(shipped_folder)
-    assert pipe.models == ["fast", "diffusion"] and pipe.config.diffusion_prior == "fast"
+    assert pipe.models == ["fast", "diffusion"] and pipe.config.diffusion_prior == recipe["diffusion_prior"]
+    if recipe["diffusion_prior"] == "residual":  # measured on the pairs, not the default 1.0
+        assert 0 < pipe.config.residual_scale != 1.0
     assert all(torch.equal(a, b) for a, b in zip(pipe.generator.state_dict().values(),
                                                   shipped.generator.state_dict().values(), strict=True))
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -72,7 +72,9 @@ class SegmenterConfig:
     crop_size: int = 128
     batch_size: int = 8
     stain_jitter: bool = True
+    class_balance: float = 0.0  # share of crops centred on a class-balanced nucleus (BatchSampler)
     # optimisation
+    init_from: str | None = None  # fine-tune: a segmenter folder whose weights start the run
     max_steps: int = 1200
     learning_rate: float = 1e-3
     weight_decay: float = 1e-4
@@ -132,9 +134,12 @@ def open_source(spec: Mapping[str, Any], cfg: SegmenterConfig):
         n = int(spec.pop("n", 64))
         seed = int(spec.pop("seed", 1000))
         size = int(spec.pop("size", 256))
+        tissue = spec.pop("tissue", None)
+        class_mix = spec.pop("class_mix", None)
         if spec:
             raise InputError("sources", f"unknown keys {sorted(spec)} for phantom")
-        return ArrayNucleiDataset(phantom_samples(n, seed=seed, size=size), PANNUKE_CLASSES, name="phantom")
+        samples = phantom_samples(n, seed=seed, size=size, tissue=tissue, class_mix=class_mix)
+        return ArrayNucleiDataset(samples, PANNUKE_CLASSES, name="phantom")
     raise InputError("sources", f"entry {dict(spec, name=name)} needs 'path' or name 'hgsc_nest' / 'phantom'")
 
 
@@ -331,6 +336,29 @@ def build_model(cfg: SegmenterConfig, num_classes: int, class_names: Sequence[st
                         decoder_scale=cfg.decoder_scale, mpp=cfg.mpp, class_names=tuple(class_names))
 
 
+def init_weights(model, folder: str | Path) -> None:
+    """Start ``model`` from a trained segmenter folder (fine-tuning), refusing any other architecture.
+
+    The weights come through :func:`pipelines.encoders.load_model_folder` (local folder,
+    safetensors only); a different width, depth or class table is an error naming a
+    differing tensor, not a silent partial load.
+    """
+    from pipelines.encoders import load_model_folder
+    from pipelines.segmenter import HoVerNetLite
+
+    source = load_model_folder(HoVerNetLite, Path(folder))
+    if tuple(source.config.class_names) != tuple(model.config.class_names):
+        raise InputError("init_from", f"{folder} types {list(source.config.class_names)}, this recipe's data "
+                                      f"{list(model.config.class_names)}")
+    ours, theirs = model.state_dict(), source.state_dict()
+    mismatched = sorted(k for k in ours.keys() | theirs.keys()
+                        if k not in ours or k not in theirs or ours[k].shape != theirs[k].shape)
+    if mismatched:
+        raise InputError("init_from", f"{folder} does not match this recipe's model ({len(mismatched)} "
+                                      f"tensors differ, e.g. {mismatched[0]}); use the same widths/depth/classes")
+    model.load_state_dict(theirs)
+
+
 def train(cfg: SegmenterConfig, resume: str | None = None) -> Path:
     """Run (or resume) training; returns the ``final`` model folder."""
     torch.set_num_threads(cfg.threads)
@@ -354,6 +382,8 @@ def train(cfg: SegmenterConfig, resume: str | None = None) -> Path:
                                 f"{dict(data.classes)}")
     names = [data.classes[c] for c in sorted(data.classes)]
     model = build_model(cfg, data.num_classes, names)
+    if cfg.init_from:
+        init_weights(model, cfg.init_from)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = warmup_cosine_scheduler(optimizer, cfg.warmup_steps, cfg.max_steps, floor=0.05)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -374,7 +404,7 @@ def train(cfg: SegmenterConfig, resume: str | None = None) -> Path:
         accelerator.print(f"resumed from {checkpoint} at step {start}")
 
     sampler = BatchSampler(data, probabilities, cfg.crop_size, stain=StainAugment() if cfg.stain_jitter else None,
-                           seed=cfg.seed)
+                           seed=cfg.seed, class_balance=cfg.class_balance)
     log = MetricsLog(out)
     model.train()
     for step in range(start, cfg.max_steps):

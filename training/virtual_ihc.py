@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -96,10 +96,12 @@ class VirtualIHCConfig:
     inference_steps: int = 6
     ema_decay: float = 0.999
     # "fast": refine a trained fast translator's output (pipelines.virtual_ihc, diffusion_prior)
-    # -- its IHC latent is a third UNet input and the residual base; "none": from noise.
+    # -- its IHC latent is a third UNet input and the residual base; "residual": diffuse the
+    # (IHC - fast) latent residual from noise (v-prediction); "none": the IHC latent from noise.
     diffusion_prior: str = "none"
     prior_checkpoint: str = "checkpoints/virtual-ihc-her2"  # holds the fast generator for the prior
     diffusion_strength: float = 0.6  # refiner: training noise levels t <= strength x T; sampling starts there
+    residual_scale: float = 0.0  # residual prior: latent residual / scale is diffused; 0 = its std over the data
     # Encode every pair once (8 dihedral orientations) and crop in latent space: the frozen
     # VAE's two encodes per batch were ~3/4 of a CPU step. Off for datasets too big for RAM.
     latent_cache: bool = True
@@ -198,6 +200,14 @@ class PairLatentCache:
 
     def __len__(self) -> int:
         return len(self.cond)
+
+    def residual_std(self) -> float:
+        """Standard deviation of (IHC latent mean - prior latent) over every cached view: the
+        scale that makes a residual-diffusion target unit-variance, as the noise it is mixed with."""
+        if not self.prior:
+            raise ValueError("residual_std needs a cache built with a prior")
+        diffs = torch.cat([(m - p).flatten() for m, p in zip(self.mean, self.prior, strict=True)])
+        return float(diffs.std())
 
     def batch(self, step: int, cfg: VirtualIHCConfig) -> tuple[torch.Tensor, ...]:
         """``(cond, target_mean, target_std[, prior])`` latent crops of ``cfg.crop_size`` pixels."""
@@ -323,12 +333,14 @@ def make_pipeline(cfg: VirtualIHCConfig, generator=None, vae=None, unet=None):
     scheduler = None
     prior = cfg.diffusion_prior if unet is not None else "none"
     if unet is not None:
-        extra = {"prediction_type": "sample"} if prior == "fast" else {}
+        from pipelines.virtual_ihc import PRIOR_PREDICTION
+
+        extra = {"prediction_type": PRIOR_PREDICTION[prior]} if prior in PRIOR_PREDICTION else {}
         scheduler = latent_ddim(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
                                 **extra)
     return VirtualIHCPipeline(generator=generator, vae=vae if unet is not None else None, unet=unet,
                               scheduler=scheduler, stain=cfg.stain, diffusion_prior=prior,
-                              diffusion_strength=cfg.diffusion_strength)
+                              diffusion_strength=cfg.diffusion_strength, residual_scale=cfg.residual_scale or 1.0)
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -443,7 +455,7 @@ def diffusion_unet(cfg, vae):
                        out_channels=latent, block_out_channels=tuple(cfg.unet_channels), layers_per_block=1,
                        down_block_types=("DownBlock2D",) * (n - 1) + ("AttnDownBlock2D",),
                        up_block_types=("AttnUpBlock2D",) + ("UpBlock2D",) * (n - 1), norm_num_groups=32)
-    if cfg.diffusion_prior == "fast":
+    if cfg.diffusion_prior == "fast":  # (a residual model keeps the default init: v = 0 is not "no change")
         torch.nn.init.zeros_(unet.conv_out.weight)
         torch.nn.init.zeros_(unet.conv_out.bias)
     return unet
@@ -479,7 +491,7 @@ def _train_diffusion(cfg, args, accelerator, he, ihc, val, log, out, EMAModel) -
     vae = load_model_folder(AutoencoderKL, Path(cfg.vae)).eval().requires_grad_(False).to(accelerator.device)
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     unet = diffusion_unet(cfg, vae)
-    prior_generator = fast_prior(cfg, accelerator.device) if cfg.diffusion_prior == "fast" else None
+    prior_generator = fast_prior(cfg, accelerator.device) if cfg.diffusion_prior != "none" else None
     prior = partial(run_fast, prior_generator) if prior_generator is not None else None
     noise_scheduler = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.learning_rate, weight_decay=1e-4)
@@ -490,8 +502,15 @@ def _train_diffusion(cfg, args, accelerator, he, ihc, val, log, out, EMAModel) -
     start, _ = resume_training(accelerator, out, args.resume)
     scale = vae.config.scaling_factor
     cache = PairLatentCache(vae, he, ihc, factor, prior=prior) if cfg.latent_cache else None
+    residual = cfg.diffusion_prior == "residual"
+    if residual and not cfg.residual_scale:
+        if cache is None:
+            raise ValueError("diffusion_prior 'residual' without the latent cache needs residual_scale > 0")
+        cfg = replace(cfg, residual_scale=round(cache.residual_std(), 4))  # saved in the pipeline config
+        accelerator.print(f"residual_scale {cfg.residual_scale} (std of IHC - fast latents over the pairs)")
     # a refiner only ever starts from the fast latent noised to strength x T: train those levels
-    t_max = max(1, int(round(cfg.diffusion_strength * cfg.num_train_timesteps))) if prior else cfg.num_train_timesteps
+    t_max = max(1, int(round(cfg.diffusion_strength * cfg.num_train_timesteps))) \
+        if cfg.diffusion_prior == "fast" else cfg.num_train_timesteps
     for step in range(start, cfg.max_steps):
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         prior_latent = None
@@ -514,6 +533,11 @@ def _train_diffusion(cfg, args, accelerator, he, ihc, val, log, out, EMAModel) -
             if prior_latent is None:
                 pred = unet(torch.cat([noisy, cond], 1), t).sample
                 loss = F.mse_loss(pred, noise)
+            elif residual:  # diffuse the normalised residual, predict its velocity
+                delta = (target - prior_latent) / cfg.residual_scale
+                noisy = noise_scheduler.add_noise(delta, noise, t)
+                pred = unet(torch.cat([noisy, cond, prior_latent], 1), t).sample
+                loss = F.mse_loss(pred, noise_scheduler.get_velocity(delta, noise, t))
             else:  # the clean latent as the fast latent plus a residual
                 pred = unet(torch.cat([noisy, cond, prior_latent], 1), t).sample
                 loss = F.mse_loss(prior_latent + pred, target)
