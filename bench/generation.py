@@ -10,7 +10,11 @@
    fewer than ``n`` tiles).
 3. **Realism**: Fréchet distance in the encoder's feature space between generated and
    held-out real tiles, next to simple baselines measured the same way: Gaussian-blurred
-   real tiles, the VAE decoding pure noise, a colour-matched noise texture.
+   real tiles, the VAE decoding pure noise, a colour-matched noise texture. The same table
+   in an *independent* feature space (the shipped nuclei segmenter's pooled deepest encoder
+   features, ``--segmenter``): the conditioning encoder's own space rewards samples pushed
+   towards their condition (guidance) whether or not they look real.
+   ``--sweep 1,2,4`` repeats conditioning and realism for several guidance scales.
 4. **Large images**: a 1024x1024 image from a 4x4 grid of tile embeddings of a held-out
    region (one shared latent canvas); seam ratio = gradient energy across the 256-pixel
    patch borders / gradient energy elsewhere (1.0 = no seam), against the same 16 patches
@@ -41,6 +45,23 @@ from studio.report import contact_sheet, save_png
 def features(encoder, tiles: torch.Tensor, batch: int = 16) -> torch.Tensor:
     """Global embeddings (mean of patch tokens) of float tiles."""
     return torch.cat([encoder.embed(tiles[i:i + batch])[:, 0] for i in range(0, len(tiles), batch)])
+
+
+def independent_features(segmenter, tiles: torch.Tensor, batch: int = 16) -> torch.Tensor:
+    """The segmenter's pooled deepest encoder features (see ``HoVerNetLite.pooled_features``)."""
+    return torch.cat([segmenter.pooled_features(tiles[i:i + batch]) for i in range(0, len(tiles), batch)])
+
+
+def conditioning(encoder, batches: list[torch.Tensor], cond: torch.Tensor) -> tuple[float, float]:
+    """Mean cosine of encoder(generated) to its own condition, and to the other conditions."""
+    n = len(cond)
+    off = ~torch.eye(n, dtype=torch.bool)
+    matched, random_pairs = [], []
+    for batch in batches:
+        cos = F.cosine_similarity(features(encoder, batch)[:, None], cond[None], dim=-1)
+        matched.append(cos.diag())
+        random_pairs.append(cos[off])
+    return torch.cat(matched).mean().item(), torch.cat(random_pairs).mean().item()
 
 
 def generate_for(pipe, tokens: torch.Tensor, size: int, steps: int, guidance: float, seed: int,
@@ -88,6 +109,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("docs"))
     parser.add_argument("--skip-large", action="store_true")
+    parser.add_argument("--segmenter", default="checkpoints/nuclei-segmenter",
+                        help="the independent feature space's network (a nuclei-segmenter folder)")
+    parser.add_argument("--sweep", default="", help="comma-separated guidance scales to compare (one seed each)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     settings = GenerationSettings(checkpoint=args.checkpoint, encoder="auto", steps=args.steps,
@@ -113,17 +137,12 @@ def main() -> None:
     generated = generated_all[0]
     real_feat = features(encoder, real_t)
     cond = tokens.mean(dim=1)
-    matched, random_pairs = [], []
-    off = ~torch.eye(n, dtype=torch.bool)
-    for batch in generated_all:
-        cos = F.cosine_similarity(features(encoder, batch)[:, None], cond[None], dim=-1)
-        matched.append(cos.diag())
-        random_pairs.append(cos[off])
     gen_feat = features(encoder, generated)
     results["samples"] = n * per
     results["samples_per_condition"] = per
-    results["cosine_matched"] = round(torch.cat(matched).mean().item(), 4)
-    results["cosine_random_pairs"] = round(torch.cat(random_pairs).mean().item(), 4)
+    cos_matched, cos_random = conditioning(encoder, generated_all, cond)
+    results["cosine_matched"] = round(cos_matched, 4)
+    results["cosine_random_pairs"] = round(cos_random, 4)
     results["cosine_real_to_own_condition"] = round(
         F.cosine_similarity(real_feat, cond, dim=-1).mean().item(), 4)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -153,6 +172,37 @@ def main() -> None:
                                                                                real_feat[half:2 * half]),
     }
     results["frechet_distance"] = {k: round(v, 3) for k, v in fd.items()}
+
+    # 3b: the same in an independent feature space (a network trained on real nuclei)
+    from pipelines.encoders import load_model_folder, weights_digest
+    from pipelines.segmenter import HoVerNetLite
+
+    segmenter = load_model_folder(HoVerNetLite, Path(args.segmenter)).eval()
+    results["independent_space"] = {"segmenter": args.segmenter, "digest": weights_digest(Path(args.segmenter))[:16]}
+    seg_real = independent_features(segmenter, real_t)
+    seg_gen = independent_features(segmenter, generated)
+    fd_ind = {
+        "generated": frechet_distance(seg_gen, seg_real),
+        "blurred real tiles (sigma 2 px)": frechet_distance(independent_features(segmenter, blur(real_t)), seg_real),
+        "VAE-decoded noise": frechet_distance(independent_features(segmenter, vae_noise), seg_real),
+        "colour-matched noise texture": frechet_distance(independent_features(segmenter, colour_noise(real_t, 2)),
+                                                         seg_real),
+        f"held-out real, half vs half ({half} each; floor)": frechet_distance(seg_real[:half],
+                                                                               seg_real[half:2 * half]),
+    }
+    results["frechet_distance_independent"] = {k: round(v, 3) for k, v in fd_ind.items()}
+
+    # 3c: guidance sweep (one seed per condition)
+    sweep = []
+    for g in [float(v) for v in args.sweep.split(",") if v.strip()]:
+        batch = generated if g == args.guidance else generate_for(pipe, tokens, size, args.steps, g, seed=0)
+        c_m, c_r = conditioning(encoder, [batch], cond)
+        sweep.append({"guidance": g, "cosine_matched": round(c_m, 4), "cosine_random_pairs": round(c_r, 4),
+                      "fd_encoder": round(frechet_distance(features(encoder, batch), real_feat), 3),
+                      "fd_independent": round(frechet_distance(independent_features(segmenter, batch), seg_real), 3)})
+        print(sweep[-1], flush=True)
+    if sweep:
+        results["guidance_sweep"] = sweep
 
     # 4: large image from a 4x4 grid of tile embeddings
     if not args.skip_large:

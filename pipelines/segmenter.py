@@ -203,6 +203,23 @@ class HoVerNetLite(ModelMixin, ConfigMixin):
         tp = self.tp_head(feats)[..., :h, :w] if self.tp_head is not None else None
         return SegmenterOutput(np_logits=np_logits, hv=hv, tp_logits=tp)
 
+    @torch.no_grad()
+    def pooled_features(self, tiles: torch.Tensor) -> torch.Tensor:
+        """``(B, D)`` image descriptors: the deepest encoder level (through its bridge),
+        global-average-pooled.
+
+        Why: realism measured in the feature space of the encoder a generator is conditioned
+        on rewards guidance (pushing samples towards their own condition), not realism; a
+        network trained for another task on real nuclei -- as FID uses an ImageNet
+        classifier -- gives a feature space the generator was never steered toward.
+        """
+        if tiles.ndim != 4 or tiles.shape[1] != 3:
+            raise InputError("tiles", f"shape {tuple(tiles.shape)}; expected (B, 3, H, W) float in [0, 1]")
+        x = self.stem((tiles - self.pixel_mean) / self.pixel_std)
+        for level in self.levels:
+            x = level(x)
+        return self.bridges[-1](x).mean(dim=(2, 3))
+
 
 # =========================================================================== windows
 def window_origins(length: int, tile: int, overlap: int) -> list[int]:

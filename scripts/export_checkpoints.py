@@ -216,6 +216,21 @@ def export_mask_ldm(run: Path) -> Path:
     return dst
 
 
+def export_segmenter(run: Path) -> Path:
+    """A segmenter run -> checkpoints/nuclei-segmenter. A run fine-tuned from a shipped
+    checkpoint (``init_from``) records that checkpoint's provenance (read before it is
+    replaced), so the whole chain of training commands stays reproducible."""
+    from pipelines.segmenter import HoVerNetLite
+
+    config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
+    extra = {}
+    init = config.get("init_from")
+    if init and (ROOT / init / "training.json").is_file():
+        extra["fine_tuned_from"] = json.loads((ROOT / init / "training.json").read_text())
+    return export_model(HoVerNetLite, run / "final", CKPT / "nuclei-segmenter",
+                        provenance(run, "segmenter", f"{run.name}.yaml", extra))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["vae", "ssl-encoder", "embedding-ldm", "segmenter", "virtual-ihc-her2",
@@ -223,9 +238,10 @@ def main() -> None:
                                          "mask-ldm"])
     parser.add_argument("--runs", type=Path, default=ROOT / "runs")
     parser.add_argument("--run", type=Path, default=None,
-                        help="stain-fuser*, mask-ldm, virtual-ihc-*: the run folder (default runs/stain_fuser"
-                             "[_regressor], runs/controlnet, runs/virtual_ihc_<stain>_diffusion; e.g. "
-                             "runs/stain_fuser_prior, runs/controlnet_balanced, runs/virtual_ihc_her2_refiner)")
+                        help="segmenter, stain-fuser*, mask-ldm, virtual-ihc-*: the run folder (default "
+                             "runs/segmenter, runs/stain_fuser[_regressor], runs/controlnet, "
+                             "runs/virtual_ihc_<stain>_diffusion; e.g. runs/segmenter_balanced, "
+                             "runs/stain_fuser_prior, runs/controlnet_balanced, runs/virtual_ihc_her2_residual)")
     parser.add_argument("--command", action="append", default=None, dest="commands",
                         help="the exact training commands, in order, when the run was not one plain recipe run "
                              "(e.g. resumed with a different --max-steps); repeatable")
@@ -244,10 +260,7 @@ def main() -> None:
         out = export_model(PatchEncoder, args.runs / "ssl_encoder" / "final", CKPT / "ssl-encoder",
                            provenance(args.runs / "ssl_encoder", "ssl_encoder", "ssl_encoder.yaml"))
     elif args.what == "segmenter":
-        from pipelines.segmenter import HoVerNetLite
-
-        out = export_model(HoVerNetLite, args.runs / "segmenter" / "final", CKPT / "nuclei-segmenter",
-                           provenance(args.runs / "segmenter", "segmenter", "segmenter.yaml"))
+        out = export_segmenter(args.run or args.runs / "segmenter")
     elif args.what == "mask-ldm":
         out = export_mask_ldm(args.run or args.runs / "controlnet")
     elif args.what.startswith("stain-fuser"):

@@ -322,3 +322,21 @@ def test_image_mpp_resamples_to_the_model_resolution(hgsc, monkeypatch):
     assert f1(inst_r) > f1(native)  # the baseline-as-model sees nuclei at the size it expects
     with pytest.raises(InputError, match="microns per pixel"):
         seg.segment(small, image_mpp=100.0)
+
+
+def test_pooled_features_describe_images_for_an_independent_frechet_distance(hgsc):
+    """One descriptor per tile, any tile size, that separates real tissue from flat colour:
+    the feature space bench/generation.py measures realism in besides the conditioning encoder's."""
+    from studio.io import to_tensor
+
+    image, _, _ = hgsc
+    model = tiny_model()
+    tissue = to_tensor(np.stack([image[:64, :64], image[64:128, 64:128], image[:96, :96][:64, :64]]))
+    feats = model.pooled_features(tissue)
+    assert feats.shape == (3, 16) and torch.isfinite(feats).all()
+    torch.testing.assert_close(model.pooled_features(tissue[:1]), feats[:1])
+    assert model.pooled_features(to_tensor(image[:80, :48])).shape == (1, 16)
+    flat = torch.full_like(tissue[:1], 0.8)
+    assert (model.pooled_features(flat) - feats[0]).norm() > (feats[1] - feats[0]).norm() * 0.1
+    with pytest.raises(InputError, match="expected"):
+        model.pooled_features(tissue[:, :1])
