@@ -171,3 +171,30 @@ def test_validate_label_maps():
         validate_label_maps(fixed, np.where(fixed > 0, 7, 0), (8, 8, 3), 5, "truth.npy")
     with pytest.raises(InputError, match="8x8 but the image is 8x9"):
         validate_label_maps(fixed, c, (8, 9, 3), 5, "truth.npy")
+
+
+def test_unmarked_small_nuclei_are_rescued_at_20x():
+    """A small nucleus (an apoptotic body, ~6 px across at 0.5 um/px) whose marker the energy
+    threshold and the 3x3 opening erase is dropped by the reference post-processing and kept,
+    as exactly one instance, when unmarked objects are rescued (the 20x default); where every
+    object keeps a marker (touching nuclei) both give the same instances."""
+    def run(inst, config):
+        return hovernet_postprocess((inst > 0).astype(np.float32), hv_targets(inst), config=config)[0]
+
+    reference_cfg, rescue_cfg = PostprocessConfig(marker_open=3), PostprocessConfig.for_mpp(0.5)
+    assert rescue_cfg.rescue_unmarked and not PostprocessConfig.for_mpp(0.25).rescue_unmarked
+    small = disk((64, 96), 30, 20, 3)
+    alone = small.astype(np.int32)
+    assert run(alone, reference_cfg).max() == 0  # lost: the reference rule
+    rescued = run(alone, rescue_cfg)
+    assert rescued.max() == 1 and (rescued[small] == 1).all() and (rescued[~small] == 0).all()
+    faint = hovernet_postprocess(small * np.float32(0.6), hv_targets(alone), config=rescue_cfg)[0]
+    assert faint.max() == 0  # a blob the network is unsure of (mean NP 0.6 < 0.7) stays out
+
+    crowd = np.zeros((64, 96), np.int32)
+    crowd[disk((64, 96), 32, 55, 12)] = 1
+    crowd[disk((64, 96), 32, 78, 12) & (crowd == 0)] = 2
+    crowd[small] = 3
+    reference = run(crowd, reference_cfg)
+    assert reference.max() == 3
+    np.testing.assert_array_equal(run(crowd, rescue_cfg), reference)
