@@ -89,26 +89,40 @@ def export_ldm(run: Path) -> Path:
     return dst
 
 
-def export_virtual_ihc(runs: Path, stain: str, diff_run: Path | None = None) -> Path:
+def export_virtual_ihc(runs: Path, stain: str, diff_run: Path | None = None,
+                       diffusion_strength: float | None = None) -> Path:
     """runs/virtual_ihc_<stain> (fast) and, when finished, the diffusion run (default
-    runs/virtual_ihc_<stain>_diffusion; ``--run`` e.g. runs/virtual_ihc_her2_refiner) -> one
+    runs/virtual_ihc_<stain>_diffusion; ``--run`` e.g. runs/virtual_ihc_her2_residual) -> one
     pipeline folder holding both translators (its vae is the diffusion run's: a symlink to
     ../tile-vae only when it is byte-identical to it). A refiner of the fast model
-    (``diffusion_prior="fast"`` or ``"residual"``) ships with the fast generator it was trained on."""
+    (``diffusion_prior="fast"`` or ``"residual"``) ships with the fast generator it was trained on;
+    when the fast run's folder is gone, the fast translator (and its provenance) is taken from
+    the shipped checkpoint. ``diffusion_strength`` overrides the sampling default (a value
+    chosen after training, recorded as such)."""
     import torch
 
     from pipelines.loading import latent_ddim
     from pipelines.virtual_ihc import VirtualIHCPipeline
 
     fast_run = runs / f"virtual_ihc_{stain}"
+    shipped = CKPT / f"virtual-ihc-{stain}"
     diff_run = diff_run or runs / f"virtual_ihc_{stain}_diffusion"
-    fast = VirtualIHCPipeline.from_pretrained(fast_run / "final")
+    if (fast_run / "final").is_dir():
+        fast = VirtualIHCPipeline.from_pretrained(fast_run / "final")
+        info = {"fast": provenance(fast_run, "virtual_ihc", f"virtual_ihc_{stain}.yaml")}
+    elif (shipped / "training.json").is_file():
+        fast = VirtualIHCPipeline.from_pretrained(shipped)  # read before the folder is replaced
+        info = {"fast": json.loads((shipped / "training.json").read_text())["fast"]}
+    else:
+        raise SystemExit(f"no fast translator: neither {fast_run}/final nor a shipped {shipped}")
+    if fast.generator is None:
+        raise SystemExit(f"{fast_run} / {shipped} holds no fast translator")
     parts = {"generator": fast.generator}
-    info = {"fast": provenance(fast_run, "virtual_ihc", f"virtual_ihc_{stain}.yaml")}
     if (diff_run / "final").is_dir():
         diff = VirtualIHCPipeline.from_pretrained(diff_run / "final")
+        strength = diff.config.diffusion_strength if diffusion_strength is None else diffusion_strength
         parts.update(vae=diff.vae, unet=diff.unet, scheduler=latent_ddim(diff.scheduler.config),
-                     diffusion_prior=diff.diffusion_prior, diffusion_strength=diff.config.diffusion_strength,
+                     diffusion_prior=diff.diffusion_prior, diffusion_strength=strength,
                      residual_scale=diff.config.get("residual_scale", 1.0))
         if diff.diffusion_prior != "none":
             # Compared at the shipped precision: the refiner trained on the fp16-exported fast
@@ -119,6 +133,10 @@ def export_virtual_ihc(runs: Path, stain: str, diff_run: Path | None = None) -> 
             if not same:
                 raise SystemExit(f"{diff_run} refines another fast generator than {fast_run}/final; export refused")
         info["diffusion"] = provenance(diff_run, "virtual_ihc", f"{diff_run.name}.yaml")
+        if diffusion_strength is not None:
+            info["diffusion"]["sampling"] = {"diffusion_strength": diffusion_strength,
+                                             "trained_default": diff.config.diffusion_strength,
+                                             "chosen_on": "the training run's validation pairs, not the bench's"}
     dst = ship_pipeline(VirtualIHCPipeline(stain=stain, **parts), CKPT / f"virtual-ihc-{stain}")
     vae_run = Path(info.get("diffusion", {}).get("config", {}).get("vae", "")).parent
     if (dst / "vae").is_dir() and not (dst / "vae").is_symlink() and (vae_run / "config.json").is_file():
@@ -245,6 +263,8 @@ def main() -> None:
     parser.add_argument("--command", action="append", default=None, dest="commands",
                         help="the exact training commands, in order, when the run was not one plain recipe run "
                              "(e.g. resumed with a different --max-steps); repeatable")
+    parser.add_argument("--diffusion-strength", type=float, default=None,
+                        help="virtual-ihc-*: the diffusion translator's sampling default, when chosen after training")
     args = parser.parse_args()
     global COMMANDS
     COMMANDS = args.commands
@@ -266,7 +286,7 @@ def main() -> None:
     elif args.what.startswith("stain-fuser"):
         out = export_stain_fuser(args.run or args.runs / args.what.replace("-", "_"), args.what)
     elif args.what.startswith("virtual-ihc-"):
-        out = export_virtual_ihc(args.runs, args.what.removeprefix("virtual-ihc-"), args.run)
+        out = export_virtual_ihc(args.runs, args.what.removeprefix("virtual-ihc-"), args.run, args.diffusion_strength)
     else:
         out = export_ldm(args.runs / "ldm")
     scrub_local_paths(out)

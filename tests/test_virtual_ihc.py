@@ -323,3 +323,27 @@ def test_aligned_pairs_option_trains_on_unwarped_pairs():
     np.testing.assert_array_equal(np.stack(ihc_a), np.stack([p.ihc for p in expected]))
     np.testing.assert_array_equal(np.stack(he_a), np.stack(he))  # the H&E side is the same tissue
     assert not np.array_equal(np.stack(ihc_a), np.stack(ihc))
+
+
+def test_shipped_her2_checkpoint_holds_a_seeded_residual_diffusion_translator():
+    """The shipped HER2 folder carries both translators; the diffusion one (residual on the
+    fast model, strength chosen on validation pairs) is seeded and lands near the fast
+    model's DAB on real H&E -- the bench measures how near on phantom pairs."""
+    from studio.dab import dab_positive_fraction
+    from studio.info import checkpoints_dir
+    from studio.io import to_uint8
+
+    pipe = VirtualIHCPipeline.from_pretrained(checkpoints_dir() / "virtual-ihc-her2")
+    assert pipe.models == ["fast", "diffusion"] and pipe.config.diffusion_prior == "residual"
+    assert 0 < pipe.config.diffusion_strength < 1 and pipe.config.residual_scale > 0
+    he = np.ascontiguousarray(load_sample("hgsc_nest")[:128, :128])
+
+    def run(model, seed=0):
+        return pipe(he, model=model, num_inference_steps=6, generator=torch.manual_seed(seed), output_type="pt").images
+
+    fast, a = run("fast"), run("diffusion")
+    torch.testing.assert_close(run("diffusion"), a)
+    assert (run("diffusion", seed=1) - a).abs().mean() > 1e-4  # a sampler, not a regressor
+    assert 0 < (a - fast).abs().mean() < 0.05
+    dab_fast, dab_diff = (dab_positive_fraction(to_uint8(x)[0]) for x in (fast, a))
+    assert abs(dab_fast - dab_diff) < 0.05
