@@ -223,7 +223,7 @@ class VirtualIHCPipeline(LocalPipeline, DiffusionPipeline):
     def __call__(self, images, model: str = "fast", num_inference_steps: int = 6,
                  generator: torch.Generator | list[torch.Generator] | None = None, output_type: str = "pil",
                  return_dict: bool = True, progress: bool = False, strength: float | None = None,
-                 detail: str = "prior") -> VirtualIHCPipelineOutput | tuple:
+                 detail: str = "prior", check_input: bool = True) -> VirtualIHCPipelineOutput | tuple:
         r"""Translate H&E tiles to this pipeline's IHC stain.
 
         Args:
@@ -238,6 +238,8 @@ class VirtualIHCPipeline(LocalPipeline, DiffusionPipeline):
                 (1 = pure noise). 0..1; ``strength x steps`` steps run; default: the trained value.
             detail: fast-prior and residual translators: "prior" carries the diffusion
                 model's change onto the fast image's pixels, "model" decodes its latent as is.
+            check_input: refuse tiles that look like IHC rather than H&E (no eosin in the
+                tissue; :func:`studio.stain.kind.check_he`).
         """
         if model not in MODELS:
             raise InputError("model", f"{model!r}; choose fast or diffusion")
@@ -252,6 +254,10 @@ class VirtualIHCPipeline(LocalPipeline, DiffusionPipeline):
         if output_type not in ("pil", "np", "pt"):
             raise InputError("output_type", f"{output_type!r}; use pil, np or pt")
         x = self.as_batch(images).to(self.device)
+        if check_input:
+            from studio.stain.kind import check_he
+
+            check_he(x.cpu())
         h, w = x.shape[-2:]
         f = self._factor(model)
         ph, pw = (-h) % f, (-w) % f
@@ -395,6 +401,13 @@ class VirtualIHCTransform:
 
     def estimate(self, tiles):
         return None
+
+    def check(self, image: np.ndarray, name: str) -> None:
+        """Refuse an input that looks like IHC rather than H&E (per file, before batching)."""
+        from studio.io import to_tensor
+        from studio.stain.kind import check_he
+
+        check_he(to_tensor(image[None]), what=name)
 
     def apply(self, tiles: np.ndarray, source=None) -> np.ndarray:
         out = self.pipe(tiles, model=self.model, num_inference_steps=self.steps,

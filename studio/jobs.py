@@ -318,9 +318,14 @@ def _process_tiles(unit: Unit, transform: TileTransform, opts: JobOptions, repor
     failed: dict[str, str] = {}
     pool = ThreadPoolExecutor(max_workers=opts.workers)
 
+    check = getattr(transform, "check", None)  # optional per-file input check (TileTransform)
+
     def safe_read(path: Path) -> np.ndarray | None:
         try:
-            return read_image(path)
+            image = read_image(path)
+            if check is not None:
+                check(image, str(path))
+            return image
         except HistostudioError as exc:
             failed[path.name] = str(exc)
             return None
@@ -355,7 +360,7 @@ def _process_tiles(unit: Unit, transform: TileTransform, opts: JobOptions, repor
                               "profile": _record(source), "fallback": bool(getattr(source, "fallback", False))}
     if failed:
         result["failed_files"] = failed
-        raise _PartialFailure(result, f"{len(failed)} of {len(inputs)} images could not be read")
+        raise _PartialFailure(result, f"{len(failed)} of {len(inputs)} images could not be read or were refused")
     return result
 
 

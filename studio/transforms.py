@@ -47,6 +47,10 @@ class TileTransform(Protocol):
     def describe(self) -> dict[str, Any]:
         """Parameters and target, JSON-serialisable, recorded in the job manifest."""
 
+    # Optional: ``check(image, name)`` raising a HistostudioError for an input this transform
+    # must refuse (e.g. virtual staining fed an IHC image); tile jobs call it per file, so the
+    # file is reported as failed and the others are still processed.
+
 
 @dataclass
 class ClassicalStainTransform:

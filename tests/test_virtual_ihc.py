@@ -12,10 +12,10 @@ from typer.testing import CliRunner
 from pipelines.virtual_ihc import IHCGenerator, VirtualIHCPipeline
 from studio.cli import app
 from studio.dab import dab_positive_fraction, dab_readout, h_score
-from studio.data.ihc_pairs import hgsc_pairs, misregister, phantom_pair
+from studio.data.ihc_pairs import hgsc_pairs, misregister, phantom_pair, phantom_pairs
 from studio.data.samples import load_sample
 from studio.errors import HistostudioError, InputError, WeightsError
-from studio.io import read_image, write_image
+from studio.io import read_image, to_tensor, write_image
 
 
 def tiny_vihc(folder, stain: str = "her2"):
@@ -347,3 +347,35 @@ def test_shipped_her2_checkpoint_holds_a_seeded_residual_diffusion_translator():
     assert 0 < (a - fast).abs().mean() < 0.05
     dab_fast, dab_diff = (dab_positive_fraction(to_uint8(x)[0]) for x in (fast, a))
     assert abs(dab_fast - dab_diff) < 0.05
+
+
+def test_ihc_images_are_refused_as_he_input(tmp_path):
+    """Feeding an IHC image where H&E is needed is a clear error naming the file, from the
+    API and from ``translate`` (which still translates the other files)."""
+    from studio.stain.kind import check_he, eosin_share
+
+    ihc = np.ascontiguousarray(load_sample("ihc")[:256, :256])
+    he = np.ascontiguousarray(load_sample("hgsc_nest")[:256, :256])
+    phantom_ihc = phantom_pairs(1, 512, "her2", seed=3)[0].ihc  # pale: 512 px holds enough tissue to judge
+    share = eosin_share(to_tensor(np.stack([he, ihc])))
+    assert share[0] > 0.5 and share[1] == 0.0
+    check_he(to_tensor(he[None]))
+    assert eosin_share(torch.ones(1, 3, 256, 256)) == [None]  # a blank tile is not judged
+    assert eosin_share(to_tensor(ihc[None, :64, :64])) == [None]  # nor a small one
+    for tile in (ihc, phantom_ihc):
+        with pytest.raises(InputError, match="looks like an IHC"):
+            check_he(to_tensor(tile[None]))
+    pipe = VirtualIHCPipeline(generator=IHCGenerator(widths=(8, 16)))
+    with pytest.raises(InputError, match="not H&E"):
+        pipe(ihc)
+    assert len(pipe(ihc, check_input=False).images) == 1
+
+    ckpt = tiny_vihc(tmp_path / "ckpt")
+    write_image(tmp_path / "in" / "ihc.png", ihc)
+    write_image(tmp_path / "in" / "he.png", he)
+    result = CliRunner().invoke(app, ["translate", str(tmp_path / "in"), "--checkpoint", str(ckpt), "--out",
+                                      str(tmp_path / "o"), "--stain", "her2"])
+    assert result.exit_code != 0
+    assert (tmp_path / "o" / "in" / "he.png").is_file() and not (tmp_path / "o" / "in" / "ihc.png").exists()
+    failed = json.loads((tmp_path / "o" / "manifest.json").read_text())["units"]
+    assert any("ihc.png" in str(u.get("failed_files", {})) and "looks like an IHC" in str(u) for u in failed.values())

@@ -1,0 +1,52 @@
+"""Is this image H&E or IHC (hematoxylin-DAB)? A check for inputs that must be H&E.
+
+Virtual staining translates H&E; an IHC image fed to it yields a plausible-looking but
+meaningless "IHC of an IHC". The two differ in one stain: H&E is counterstained with eosin
+(pink cytoplasm and stroma), hematoxylin-DAB slides carry none. After colour deconvolution
+with Ruifrok's H/E/DAB vectors (:func:`studio.color.rgb_to_hed`) an IHC image has *no*
+tissue pixel with eosin concentration above 0.1, while H&E has many.
+
+Measured on random crops with at least 20,000 tissue pixels (``tissue_mask(min_od=0.1)``):
+the share of tissue pixels with eosin > 0.1 is exactly 0 on all 300 crops of
+scikit-image's real H-DAB image and on the phantom's HER2 / Ki67 renders, at 160, 256 and
+512 px; on the real H&E samples it is at least 0.048 over 1,058 crops of 256 px and at
+least 0.49 at 512 px, but one 160 px crop (keratin / dark muscle in skin or the Aperio
+region) had none. So images are judged only from :data:`MIN_TISSUE_PIXELS` tissue pixels
+up (about a 200 x 200 px tissue area; smaller tiles pass unjudged), with the threshold
+:data:`MIN_EOSIN_SHARE` between the two groups.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from studio.color import rgb_to_hed, tissue_mask
+from studio.errors import InputError
+
+EOSIN_POSITIVE = 0.1  # eosin concentration above which a pixel counts as eosin-stained
+MIN_EOSIN_SHARE = 0.01  # fewer eosin-stained tissue pixels than this share: not H&E
+MIN_TISSUE_PIXELS = 40_000  # fewer tissue pixels: too little to judge (small or blank tiles pass)
+
+
+def eosin_share(tiles: torch.Tensor) -> list[float | None]:
+    """Share of each tile's tissue pixels stained by eosin (``None`` when a tile has fewer
+    than :data:`MIN_TISSUE_PIXELS` tissue pixels). ``tiles``: float ``(B, 3, H, W)`` in [0, 1]."""
+    tiles = tiles.float()
+    eosin = rgb_to_hed(tiles)[:, 1]
+    mask = tissue_mask(tiles, min_od=0.1)[:, 0]
+    out: list[float | None] = []
+    for e, m in zip(eosin, mask, strict=True):
+        n = int(m.sum())
+        out.append(float((e[m] > EOSIN_POSITIVE).float().mean()) if n >= MIN_TISSUE_PIXELS else None)
+    return out
+
+
+def check_he(tiles: torch.Tensor, what: str = "images") -> None:
+    """Raise :class:`~studio.errors.InputError` when a tile with enough tissue carries no
+    eosin, i.e. is an IHC (hematoxylin-DAB) image rather than H&E."""
+    for i, share in enumerate(eosin_share(tiles)):
+        if share is not None and share < MIN_EOSIN_SHARE:
+            where = f"{what}[{i}]" if len(tiles) > 1 else what
+            raise InputError(where, f"looks like an IHC (hematoxylin-DAB) image, not H&E: {share:.1%} of its tissue "
+                                    f"is eosin-stained (H&E images measure 5 % or more). Virtual staining needs "
+                                    f"the H&E section.")
