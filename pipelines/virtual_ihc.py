@@ -400,17 +400,22 @@ class VirtualIHCTransform:
         return f"virtual-{self.pipe.config.stain}-{self.model}"
 
     def estimate(self, tiles):
+        """No source state; refuses a slide (or tile set) whose sampled tissue is not H&E."""
+        from studio.stain.kind import check_he_sample
+
+        check_he_sample(list(tiles))
         return None
 
     def check(self, image: np.ndarray, name: str) -> None:
-        """Refuse an input that looks like IHC rather than H&E (per file, before batching)."""
+        """Refuse an input that looks like IHC rather than H&E (per file, before batching;
+        slides are judged once, on their sampled tissue, in :meth:`estimate`, not per window)."""
         from studio.io import to_tensor
         from studio.stain.kind import check_he
 
         check_he(to_tensor(image[None]), what=name)
 
     def apply(self, tiles: np.ndarray, source=None) -> np.ndarray:
-        out = self.pipe(tiles, model=self.model, num_inference_steps=self.steps,
+        out = self.pipe(tiles, model=self.model, num_inference_steps=self.steps, check_input=False,
                         generator=torch.Generator().manual_seed(self.seed), output_type="np").images
         return (out * 255 + 0.5).astype(np.uint8)
 

@@ -379,3 +379,24 @@ def test_ihc_images_are_refused_as_he_input(tmp_path):
     assert (tmp_path / "o" / "in" / "he.png").is_file() and not (tmp_path / "o" / "in" / "ihc.png").exists()
     failed = json.loads((tmp_path / "o" / "manifest.json").read_text())["units"]
     assert any("ihc.png" in str(u.get("failed_files", {})) and "looks like an IHC" in str(u) for u in failed.values())
+
+
+def test_an_ihc_slide_is_reported_not_translated(tmp_path):
+    """A whole slide is judged once, on its sampled tissue (not per window): an IHC slide is
+    skipped and reported, an H&E slide in the same run is translated."""
+    from studio.slides import write_pyramid
+
+    ckpt = tiny_vihc(tmp_path / "ckpt")
+    ihc = np.ascontiguousarray(load_sample("ihc"))
+    he = np.ascontiguousarray(load_sample("hgsc_nest")[:512, :512])
+    for name, image in (("ihc_slide.tif", ihc), ("he_slide.tif", he)):
+        h, w = image.shape[:2]
+        write_pyramid(tmp_path / name, iter([image]), w, h, tile_size=512, mpp=0.5, compression="deflate")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["translate", str(tmp_path / "ihc_slide.tif"), str(tmp_path / "he_slide.tif"),
+                                      "--stain", "her2", "--checkpoint", str(ckpt), "--out", str(out),
+                                      "--tile-size", "256", "--halo", "16"])
+    assert result.exit_code != 0
+    assert (out / "he_slide.tif").is_file() and not (out / "ihc_slide.tif").exists()
+    units = json.loads((out / "manifest.json").read_text())["units"]
+    assert "looks like an IHC" in json.dumps(units["ihc_slide"])

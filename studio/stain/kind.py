@@ -50,3 +50,27 @@ def check_he(tiles: torch.Tensor, what: str = "images") -> None:
             raise InputError(where, f"looks like an IHC (hematoxylin-DAB) image, not H&E: {share:.1%} of its tissue "
                                     f"is eosin-stained (H&E images measure 5 % or more). Virtual staining needs "
                                     f"the H&E section.")
+
+
+def pooled_eosin_share(tiles) -> float | None:
+    """Share of eosin-stained pixels over the tissue of several uint8 ``(H, W, 3)`` tiles
+    together (``None`` below :data:`MIN_TISSUE_PIXELS` tissue pixels in all): one decision
+    for a whole slide from its sampled tissue tiles, so no single dark window decides."""
+    from studio.io import to_tensor
+
+    stained = tissue = 0
+    for tile in tiles:
+        t = to_tensor(tile[None] if tile.ndim == 3 else tile).float()
+        mask = tissue_mask(t, min_od=0.1)[:, 0]
+        stained += int((rgb_to_hed(t)[:, 1][mask] > EOSIN_POSITIVE).sum())
+        tissue += int(mask.sum())
+    return stained / tissue if tissue >= MIN_TISSUE_PIXELS else None
+
+
+def check_he_sample(tiles, what: str = "slide") -> None:
+    """:func:`check_he` for a slide, judged on its sampled tissue tiles pooled."""
+    share = pooled_eosin_share(tiles)
+    if share is not None and share < MIN_EOSIN_SHARE:
+        raise InputError(what, f"looks like an IHC (hematoxylin-DAB) slide, not H&E: {share:.1%} of its sampled "
+                               f"tissue is eosin-stained (H&E measures 5 % or more). Virtual staining needs the "
+                               f"H&E section.")
