@@ -337,9 +337,11 @@ def _process_tiles(unit: Unit, transform: TileTransform, opts: JobOptions, repor
             rng = np.random.default_rng(opts.seed)
             pick = sorted(rng.choice(len(inputs), size=min(opts.fit_tiles, len(inputs)), replace=False))
             sample = [im for im in pool.map(safe_read, [inputs[i] for i in pick]) if im is not None]
+            reasons = list(failed.values())
             failed.clear()  # read errors are reported when the file itself is processed
             if not sample:
-                raise InputError(unit.inputs[0], "no readable image in this set to estimate a stain profile from")
+                raise InputError(unit.inputs[0], "no usable image in this set to estimate a stain profile from"
+                                                 + (f" (e.g. {reasons[0]})" if reasons else ""))
             source = transform.estimate(sample)
         megapixels = 0.0
         for start in range(0, len(todo), opts.batch_size):

@@ -379,6 +379,12 @@ def test_ihc_images_are_refused_as_he_input(tmp_path):
     assert (tmp_path / "o" / "in" / "he.png").is_file() and not (tmp_path / "o" / "in" / "ihc.png").exists()
     failed = json.loads((tmp_path / "o" / "manifest.json").read_text())["units"]
     assert any("ihc.png" in str(u.get("failed_files", {})) and "looks like an IHC" in str(u) for u in failed.values())
+    # a set of IHC images only: the unit fails saying why, not "no readable image"
+    write_image(tmp_path / "only" / "ihc.png", ihc)
+    CliRunner().invoke(app, ["translate", str(tmp_path / "only"), "--checkpoint", str(ckpt), "--out",
+                             str(tmp_path / "o2"), "--stain", "her2"])
+    units = json.loads((tmp_path / "o2" / "manifest.json").read_text())["units"]
+    assert "looks like an IHC" in json.dumps(units)
 
 
 def test_an_ihc_slide_is_reported_not_translated(tmp_path):
