@@ -64,6 +64,22 @@ def conditioning(encoder, batches: list[torch.Tensor], cond: torch.Tensor) -> tu
     return torch.cat(matched).mean().item(), torch.cat(random_pairs).mean().item()
 
 
+def realism_table(embed, real_feat: torch.Tensor, gen_feat: torch.Tensor, baselines: dict[str, torch.Tensor],
+                  half: int, generated_half: bool = False) -> dict[str, float]:
+    """Fréchet distances to the held-out tiles' features in one feature space (``embed``):
+    the generated set, each baseline image set, and the floor of one real half against the
+    other (with ``generated_half``, a generated half against the other real half too)."""
+    fd = {"generated": frechet_distance(gen_feat, real_feat)}
+    fd.update({name: frechet_distance(embed(images), real_feat) for name, images in baselines.items()})
+    # a floor with honest sample sizes: one half of the held-out tiles against the other
+    fd[f"held-out real, half vs half ({half} each; floor)"] = frechet_distance(real_feat[:half],
+                                                                                real_feat[half:2 * half])
+    if generated_half:
+        fd[f"generated, half vs real other half ({half} each)"] = frechet_distance(gen_feat[:half],
+                                                                                    real_feat[half:2 * half])
+    return {k: round(v, 3) for k, v in fd.items()}
+
+
 def generate_for(pipe, tokens: torch.Tensor, size: int, steps: int, guidance: float, seed: int,
                  grid: tuple[int, int] | None = None, **kw) -> torch.Tensor:
     out = []
@@ -160,18 +176,10 @@ def main() -> None:
                               size // pipe.latent_factor, generator=torch.Generator().manual_seed(1))
         vae_noise = pipe.decode(latents)
     half = n // 2
-    fd = {
-        "generated": frechet_distance(gen_feat, real_feat),
-        "blurred real tiles (sigma 2 px)": frechet_distance(features(encoder, blur(real_t)), real_feat),
-        "VAE-decoded noise": frechet_distance(features(encoder, vae_noise), real_feat),
-        "colour-matched noise texture": frechet_distance(features(encoder, colour_noise(real_t, 2)), real_feat),
-        # a floor with honest sample sizes: one half of the held-out tiles against the other
-        f"held-out real, half vs half ({half} each; floor)": frechet_distance(real_feat[:half],
-                                                                               real_feat[half:2 * half]),
-        f"generated, half vs real other half ({half} each)": frechet_distance(gen_feat[:half],
-                                                                               real_feat[half:2 * half]),
-    }
-    results["frechet_distance"] = {k: round(v, 3) for k, v in fd.items()}
+    baselines = {"blurred real tiles (sigma 2 px)": blur(real_t), "VAE-decoded noise": vae_noise,
+                 "colour-matched noise texture": colour_noise(real_t, 2)}
+    results["frechet_distance"] = realism_table(lambda t: features(encoder, t), real_feat, gen_feat, baselines,
+                                                half, generated_half=True)
 
     # 3b: the same in an independent feature space (a network trained on real nuclei)
     from pipelines.encoders import load_model_folder, weights_digest
@@ -180,17 +188,9 @@ def main() -> None:
     segmenter = load_model_folder(HoVerNetLite, Path(args.segmenter)).eval()
     results["independent_space"] = {"segmenter": args.segmenter, "digest": weights_digest(Path(args.segmenter))[:16]}
     seg_real = independent_features(segmenter, real_t)
-    seg_gen = independent_features(segmenter, generated)
-    fd_ind = {
-        "generated": frechet_distance(seg_gen, seg_real),
-        "blurred real tiles (sigma 2 px)": frechet_distance(independent_features(segmenter, blur(real_t)), seg_real),
-        "VAE-decoded noise": frechet_distance(independent_features(segmenter, vae_noise), seg_real),
-        "colour-matched noise texture": frechet_distance(independent_features(segmenter, colour_noise(real_t, 2)),
-                                                         seg_real),
-        f"held-out real, half vs half ({half} each; floor)": frechet_distance(seg_real[:half],
-                                                                               seg_real[half:2 * half]),
-    }
-    results["frechet_distance_independent"] = {k: round(v, 3) for k, v in fd_ind.items()}
+    results["frechet_distance_independent"] = realism_table(
+        lambda t: independent_features(segmenter, t), seg_real, independent_features(segmenter, generated),
+        baselines, half)
 
     # 3c: guidance sweep (one seed per condition)
     sweep = []

@@ -290,10 +290,9 @@ class VirtualIHCPipeline(LocalPipeline, DiffusionPipeline):
             return (result,)
         return VirtualIHCPipelineOutput(images=result)
 
-    def _refine(self, x: torch.Tensor, steps: int, strength: float, generator, detail: str,
-                progress: bool) -> torch.Tensor:
-        """The fast-prior refiner: start from the fast image's latent noised to ``strength``;
-        each step's clean-latent estimate is that latent plus the UNet's residual."""
+    def _prior_start(self, x: torch.Tensor, steps: int, strength: float, generator):
+        """What both fast-prior translators start from: the fast image, the H&E and fast
+        latents, the last ``strength x steps`` timesteps (at least one) and seeded noise."""
         prior = self.generator(x.to(self.generator.dtype)).float().clamp(0, 1)
         cond = self.encode(x.to(self.vae.dtype))
         prior_latent = self.encode(prior.to(self.vae.dtype))
@@ -301,6 +300,13 @@ class VirtualIHCPipeline(LocalPipeline, DiffusionPipeline):
         run = max(1, min(steps, int(round(steps * strength))))
         timesteps = self.scheduler.timesteps[steps - run:]
         noise = randn_tensor(prior_latent.shape, generator=generator, device=self.device, dtype=prior_latent.dtype)
+        return prior, cond, prior_latent, timesteps, noise
+
+    def _refine(self, x: torch.Tensor, steps: int, strength: float, generator, detail: str,
+                progress: bool) -> torch.Tensor:
+        """The fast-prior refiner: start from the fast image's latent noised to ``strength``;
+        each step's clean-latent estimate is that latent plus the UNet's residual."""
+        prior, cond, prior_latent, timesteps, noise = self._prior_start(x, steps, strength, generator)
         latents = self.scheduler.add_noise(prior_latent, noise, timesteps[:1].repeat(len(x)))
         for t in self.progress_bar(timesteps) if progress else timesteps:
             residual = self.unet(torch.cat([latents, cond, prior_latent], dim=1), t).sample
@@ -311,15 +317,9 @@ class VirtualIHCPipeline(LocalPipeline, DiffusionPipeline):
                   progress: bool) -> torch.Tensor:
         """Residual diffusion: sample ``(IHC latent - fast latent) / residual_scale`` from noise
         (or from a zero residual noised to ``strength``), conditioned on the H&E and fast latents."""
-        prior = self.generator(x.to(self.generator.dtype)).float().clamp(0, 1)
-        cond = self.encode(x.to(self.vae.dtype))
-        prior_latent = self.encode(prior.to(self.vae.dtype))
-        self.scheduler.set_timesteps(steps, device=self.device)
-        run = max(1, min(steps, int(round(steps * strength))))
-        timesteps = self.scheduler.timesteps[steps - run:]
-        noise = randn_tensor(prior_latent.shape, generator=generator, device=self.device, dtype=prior_latent.dtype)
+        prior, cond, prior_latent, timesteps, noise = self._prior_start(x, steps, strength, generator)
         # a zero residual noised to the first timestep (strength 1: the scheduler's pure noise)
-        residual = noise * self.scheduler.init_noise_sigma if run == steps else \
+        residual = noise * self.scheduler.init_noise_sigma if len(timesteps) == steps else \
             self.scheduler.add_noise(torch.zeros_like(noise), noise, timesteps[:1].repeat(len(x)))
         for t in self.progress_bar(timesteps) if progress else timesteps:
             model_in = self.scheduler.scale_model_input(residual, t)

@@ -47,6 +47,16 @@ def provenance(run: Path, module: str, recipe: str, extra: dict | None = None) -
             **({"commands": COMMANDS} if COMMANDS else {}), **last_validation(run), **(extra or {})}
 
 
+def fine_tune_origin(run: Path, key: str) -> dict:
+    """``{"fine_tuned_from": <its training.json>}`` when the run's config ``key`` names a
+    checkpoint it started from (read before that checkpoint folder is replaced), else ``{}``."""
+    config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
+    init = config.get(key)
+    if init and (ROOT / init / "training.json").is_file():
+        return {"fine_tuned_from": json.loads((ROOT / init / "training.json").read_text())}
+    return {}
+
+
 def replace_folder(dst: Path) -> None:
     if dst.is_symlink() or dst.is_file():
         dst.unlink()
@@ -222,11 +232,7 @@ def export_mask_ldm(run: Path) -> Path:
     commands that made the weights stays reproducible."""
     from pipelines.mask_to_image import MaskToImagePipeline
 
-    config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
-    extra: dict = {}
-    init = config.get("init_controlnet")
-    if init and (ROOT / init / "training.json").is_file():
-        extra["fine_tuned_from"] = json.loads((ROOT / init / "training.json").read_text())  # read before replacing
+    extra: dict = fine_tune_origin(run, "init_controlnet")
     dst = ship_pipeline(MaskToImagePipeline.from_pretrained(run / "final"), CKPT / "mask-ldm")
     linked = [part for part in ("unet", "conditioner") if link_identical(dst, part, CKPT / "embedding-ldm" / part)]
     (dst / "training.json").write_text(json.dumps(provenance(run, "controlnet", f"{run.name}.yaml", {
@@ -240,13 +246,8 @@ def export_segmenter(run: Path) -> Path:
     replaced), so the whole chain of training commands stays reproducible."""
     from pipelines.segmenter import HoVerNetLite
 
-    config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
-    extra = {}
-    init = config.get("init_from")
-    if init and (ROOT / init / "training.json").is_file():
-        extra["fine_tuned_from"] = json.loads((ROOT / init / "training.json").read_text())
     return export_model(HoVerNetLite, run / "final", CKPT / "nuclei-segmenter",
-                        provenance(run, "segmenter", f"{run.name}.yaml", extra))
+                        provenance(run, "segmenter", f"{run.name}.yaml", fine_tune_origin(run, "init_from")))
 
 
 def main() -> None:

@@ -28,17 +28,24 @@ MIN_EOSIN_SHARE = 0.01  # fewer eosin-stained tissue pixels than this share: not
 MIN_TISSUE_PIXELS = 40_000  # fewer tissue pixels: too little to judge (small or blank tiles pass)
 
 
+def _eosin_counts(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per tile of float ``(B, 3, H, W)``: eosin-stained tissue pixels, tissue pixels."""
+    tiles = tiles.float()
+    mask = tissue_mask(tiles, min_od=0.1)[:, 0]
+    stained = (rgb_to_hed(tiles)[:, 1] > EOSIN_POSITIVE) & mask
+    return stained.sum(dim=(1, 2)), mask.sum(dim=(1, 2))
+
+
+def _refuse(what: str, share: float, kind: str) -> InputError:
+    return InputError(what, f"looks like an IHC (hematoxylin-DAB) {kind}, not H&E: {share:.1%} of its tissue is "
+                            f"eosin-stained (H&E measures 5 % or more). Virtual staining needs the H&E section.")
+
+
 def eosin_share(tiles: torch.Tensor) -> list[float | None]:
     """Share of each tile's tissue pixels stained by eosin (``None`` when a tile has fewer
     than :data:`MIN_TISSUE_PIXELS` tissue pixels). ``tiles``: float ``(B, 3, H, W)`` in [0, 1]."""
-    tiles = tiles.float()
-    eosin = rgb_to_hed(tiles)[:, 1]
-    mask = tissue_mask(tiles, min_od=0.1)[:, 0]
-    out: list[float | None] = []
-    for e, m in zip(eosin, mask, strict=True):
-        n = int(m.sum())
-        out.append(float((e[m] > EOSIN_POSITIVE).float().mean()) if n >= MIN_TISSUE_PIXELS else None)
-    return out
+    stained, tissue = _eosin_counts(tiles)
+    return [int(s) / int(n) if n >= MIN_TISSUE_PIXELS else None for s, n in zip(stained, tissue, strict=True)]
 
 
 def check_he(tiles: torch.Tensor, what: str = "images") -> None:
@@ -46,10 +53,7 @@ def check_he(tiles: torch.Tensor, what: str = "images") -> None:
     eosin, i.e. is an IHC (hematoxylin-DAB) image rather than H&E."""
     for i, share in enumerate(eosin_share(tiles)):
         if share is not None and share < MIN_EOSIN_SHARE:
-            where = f"{what}[{i}]" if len(tiles) > 1 else what
-            raise InputError(where, f"looks like an IHC (hematoxylin-DAB) image, not H&E: {share:.1%} of its tissue "
-                                    f"is eosin-stained (H&E images measure 5 % or more). Virtual staining needs "
-                                    f"the H&E section.")
+            raise _refuse(f"{what}[{i}]" if len(tiles) > 1 else what, share, "image")
 
 
 def pooled_eosin_share(tiles) -> float | None:
@@ -58,12 +62,9 @@ def pooled_eosin_share(tiles) -> float | None:
     for a whole slide from its sampled tissue tiles, so no single dark window decides."""
     from studio.io import to_tensor
 
-    stained = tissue = 0
-    for tile in tiles:
-        t = to_tensor(tile[None] if tile.ndim == 3 else tile).float()
-        mask = tissue_mask(t, min_od=0.1)[:, 0]
-        stained += int((rgb_to_hed(t)[:, 1][mask] > EOSIN_POSITIVE).sum())
-        tissue += int(mask.sum())
+    counts = [_eosin_counts(to_tensor(tile[None] if tile.ndim == 3 else tile)) for tile in tiles]
+    stained = sum(int(s.sum()) for s, _ in counts)
+    tissue = sum(int(n.sum()) for _, n in counts)
     return stained / tissue if tissue >= MIN_TISSUE_PIXELS else None
 
 
@@ -71,6 +72,4 @@ def check_he_sample(tiles, what: str = "slide") -> None:
     """:func:`check_he` for a slide, judged on its sampled tissue tiles pooled."""
     share = pooled_eosin_share(tiles)
     if share is not None and share < MIN_EOSIN_SHARE:
-        raise InputError(what, f"looks like an IHC (hematoxylin-DAB) slide, not H&E: {share:.1%} of its sampled "
-                               f"tissue is eosin-stained (H&E measures 5 % or more). Virtual staining needs the "
-                               f"H&E section.")
+        raise _refuse(what, share, "slide")
