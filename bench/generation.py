@@ -8,13 +8,19 @@
    that conditioned it, against the same figure for random (generated, other condition)
    pairs, over at least ``n`` samples (several seeds per held-out tile when there are
    fewer than ``n`` tiles).
-3. **Realism**: Fréchet distance in the encoder's feature space between generated and
-   held-out real tiles, next to simple baselines measured the same way: Gaussian-blurred
-   real tiles, the VAE decoding pure noise, a colour-matched noise texture. The same table
-   in an *independent* feature space (the shipped nuclei segmenter's pooled deepest encoder
-   features, ``--segmenter``): the conditioning encoder's own space rewards samples pushed
-   towards their condition (guidance) whether or not they look real.
-   ``--sweep 1,2,4`` repeats conditioning and realism for several guidance scales.
+3. **Realism, by a test the model cannot steer**: classifier two-sample tests
+   (:mod:`studio.two_sample`) between the reference half A of the held-out tiles and each
+   row, at 128 px (the LDM's training crop; :func:`studio.data.splits.heldout_halves`
+   deals the held-out bands into two disjoint checkerboard halves A and B). Rows: real B
+   (the floor), real tiles of the *train* regions, blurred B, phantom tiles, a
+   colour-matched noise texture (control), and the model conditioned on B's embeddings.
+   No row shares the reference's pixels: the blurred baseline blurs B, never A. Two
+   classifiers (fixed features + logistic regression, small CNN from scratch), several
+   seeds each, mean ± std of ROC AUC (0.5: indistinguishable, 1.0: told apart every time).
+   Fréchet distances of the same rows to A follow, named by feature space: the
+   conditioning encoder's (which guidance can steer, ``--sweep``) and an independent one
+   (the shipped nuclei segmenter's pooled deepest features, ``--segmenter``).
+   ``--only realism`` runs this section alone.
 4. **Large images**: a 1024x1024 image from a 4x4 grid of tile embeddings of a held-out
    region (one shared latent canvas); seam ratio = gradient energy across the 256-pixel
    patch borders / gradient energy elsewhere (1.0 = no seam), against the same 16 patches
@@ -30,16 +36,18 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from pipelines.generation import GenerationSettings, embedding_encoder_for, fit_to, load_generation_pipeline
-from studio.data.splits import region, tissue_tiles
+from studio.data.splits import HeldoutHalves, heldout_halves, region, tissue_tiles
 from studio.io import to_tensor, to_uint8
 from studio.metrics import frechet_distance, seam_ratio
 from studio.report import contact_sheet, save_png
+from studio.two_sample import cnn_c2st, feature_c2st, texture_features
 
 
 def features(encoder, tiles: torch.Tensor, batch: int = 16) -> torch.Tensor:
@@ -64,20 +72,65 @@ def conditioning(encoder, batches: list[torch.Tensor], cond: torch.Tensor) -> tu
     return torch.cat(matched).mean().item(), torch.cat(random_pairs).mean().item()
 
 
-def realism_table(embed, real_feat: torch.Tensor, gen_feat: torch.Tensor, baselines: dict[str, torch.Tensor],
-                  half: int, generated_half: bool = False) -> dict[str, float]:
-    """Fréchet distances to the held-out tiles' features in one feature space (``embed``):
-    the generated set, each baseline image set, and the floor of one real half against the
-    other (with ``generated_half``, a generated half against the other real half too)."""
-    fd = {"generated": frechet_distance(gen_feat, real_feat)}
-    fd.update({name: frechet_distance(embed(images), real_feat) for name, images in baselines.items()})
-    # a floor with honest sample sizes: one half of the held-out tiles against the other
-    fd[f"held-out real, half vs half ({half} each; floor)"] = frechet_distance(real_feat[:half],
-                                                                                real_feat[half:2 * half])
-    if generated_half:
-        fd[f"generated, half vs real other half ({half} each)"] = frechet_distance(gen_feat[:half],
-                                                                                    real_feat[half:2 * half])
-    return {k: round(v, 3) for k, v in fd.items()}
+class Row(NamedTuple):
+    """One set of tiles compared against the reference half A (uint8, with split groups)."""
+
+    tiles: np.ndarray
+    groups: list[str]
+    strata: list[str]
+
+
+def realism_rows(pipe, encoder, halves: HeldoutHalves, steps: int, guidance: float, seed: int = 0,
+                 n_train: int | None = None) -> dict[str, Row]:
+    """The rows of the realism table; none shares the reference half's pixels.
+
+    Groups tie each tile to the spatial block it came from (a generated tile to the block
+    of the B tile that conditioned it), so no classifier is scored on a block it trained on."""
+    from studio.data.phantom import make_phantom
+
+    b = halves.b
+    n = len(b)
+    size = b.shape[1]
+    groups_b = [f"block{g}" for g in halves.groups_b]
+    rows = {"real held-out B (floor)": Row(b, groups_b, halves.sources_b)}
+    train = tissue_tiles("train", size, stride=size, min_tissue=0.6)
+    pick = np.sort(np.random.default_rng(seed).choice(len(train), size=min(n_train or n, len(train)), replace=False))
+    rows["real tiles of the train regions (unpaired)"] = Row(train[pick], [f"train{i}" for i in pick],
+                                                             ["train"] * len(pick))
+    rows["blurred B, sigma 2 px (unpaired blurred real)"] = Row(to_uint8(blur(to_tensor(b))), groups_b,
+                                                                halves.sources_b)
+    phantom = np.stack([make_phantom(size, seed=seed + i).image for i in range(n)])
+    rows["phantom tiles"] = Row(phantom, [f"phantom{i}" for i in range(n)], ["phantom"] * n)
+    rows["colour-matched noise texture (control)"] = Row(to_uint8(colour_noise(to_tensor(b), seed + 2)),
+                                                         [f"noise{i}" for i in range(n)], ["noise"] * n)
+    if pipe is not None:
+        grid = pipe.conditioner.grid_for(size, size)
+        tokens = torch.cat([encoder.embed(to_tensor(b[i:i + 1]), grid=grid) for i in range(n)])
+        generated = generate_for(pipe, tokens, size, steps, guidance, seed=seed + 500)
+        rows[f"generated, conditioned on B ({steps} steps, guidance {guidance:g})"] = Row(
+            to_uint8(generated), groups_b, halves.sources_b)
+    return rows
+
+
+def c2st_table(halves: HeldoutHalves, rows: dict[str, Row], cnn_seeds: tuple[int, ...] = (0, 1, 2)
+               ) -> dict[str, dict]:
+    """Both classifiers' AUC (mean, std, per seed) of every row against the reference half A."""
+    ref_groups = [f"block{g}" for g in halves.groups_a]
+    ref_feat = texture_features(halves.a)
+    table = {}
+    for name, row in rows.items():
+        kw = {"groups_a": ref_groups, "groups_b": row.groups, "strata_a": halves.sources_a, "strata_b": row.strata}
+        fixed = feature_c2st(ref_feat, texture_features(row.tiles), **kw)
+        cnn = cnn_c2st(halves.a, row.tiles, seeds=cnn_seeds, **kw)
+        table[name] = {"fixed_features": fixed.as_dict(), "cnn": cnn.as_dict()}
+        print(f"C2ST {name}: fixed features {fixed}, CNN {cnn}", flush=True)
+    return table
+
+
+def fd_table(embed, reference: np.ndarray, rows: dict[str, Row]) -> dict[str, float]:
+    """Fréchet distance of every row to the reference tiles in one feature space (``embed``)."""
+    ref = embed(to_tensor(reference))
+    return {name: round(frechet_distance(embed(to_tensor(row.tiles)), ref), 3) for name, row in rows.items()}
 
 
 def generate_for(pipe, tokens: torch.Tensor, size: int, steps: int, guidance: float, seed: int,
@@ -113,6 +166,30 @@ def blur(tiles: torch.Tensor, sigma: float = 2.0) -> torch.Tensor:
     return F.conv2d(out, k.view(1, 1, -1, 1).expand(3, 1, -1, 1), groups=3)
 
 
+REALISM_SIZE = 128  # the LDM's training crop; the held-out bands hold too few 256 px tiles (heldout_halves)
+
+
+def realism(pipe, encoder, args) -> dict:
+    """Section 3: every row's C2ST (both classifiers) and Fréchet distances (two named
+    feature spaces) against held-out half A."""
+    from pipelines.encoders import load_model_folder, weights_digest
+    from pipelines.segmenter import HoVerNetLite
+
+    halves = heldout_halves(REALISM_SIZE)
+    rows = realism_rows(pipe, encoder, halves, args.steps, args.guidance)
+    out = {"tile_size": REALISM_SIZE, "reference": f"held-out half A ({len(halves.a)} tiles)",
+           "rows_tiles": {k: len(r.tiles) for k, r in rows.items()}}
+    out["c2st_auc"] = c2st_table(halves, rows)
+    segmenter = load_model_folder(HoVerNetLite, Path(args.segmenter)).eval()
+    with torch.no_grad():
+        out["frechet_distance"] = {
+            f"conditioning encoder ({encoder.identity}; steerable by guidance)": fd_table(
+                lambda t: features(encoder, t), halves.a, rows),
+            f"nuclei segmenter pooled features ({args.segmenter}, {weights_digest(Path(args.segmenter))[:16]})":
+                fd_table(lambda t: independent_features(segmenter, t), halves.a, rows)}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default="checkpoints/embedding-ldm")
@@ -128,12 +205,22 @@ def main() -> None:
     parser.add_argument("--segmenter", default="checkpoints/nuclei-segmenter",
                         help="the independent feature space's network (a nuclei-segmenter folder)")
     parser.add_argument("--sweep", default="", help="comma-separated guidance scales to compare (one seed each)")
+    parser.add_argument("--only", choices=("all", "realism"), default="all",
+                        help="realism: section 3 alone (C2ST and FD), written to <out>/generation_realism.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     settings = GenerationSettings(checkpoint=args.checkpoint, encoder="auto", steps=args.steps,
                                   guidance=args.guidance, device=args.device)
     pipe = load_generation_pipeline(settings)
     encoder = embedding_encoder_for(settings)
+    if args.only == "realism":
+        found = {"checkpoint": args.checkpoint, "steps": args.steps, "guidance": args.guidance,
+                 "encoder": encoder.identity, "device": args.device, "realism": realism(pipe, encoder, args)}
+        args.out.mkdir(parents=True, exist_ok=True)
+        target = args.out / "generation_realism.json"
+        target.write_text(json.dumps(found, indent=2) + "\n")
+        print(f"wrote {target}")
+        return
     size = args.size
     grid = pipe.conditioner.grid_for(size, size)
     real = tissue_tiles("heldout", size, stride=size // 2, min_tissue=0.6)
@@ -153,7 +240,6 @@ def main() -> None:
     generated = generated_all[0]
     real_feat = features(encoder, real_t)
     cond = tokens.mean(dim=1)
-    gen_feat = features(encoder, generated)
     results["samples"] = n * per
     results["samples_per_condition"] = per
     cos_matched, cos_random = conditioning(encoder, generated_all, cond)
@@ -170,36 +256,22 @@ def main() -> None:
                               for k, g in enumerate(generated_all[:2])]], cell=192),
              args.out / "generation_grid.png")
 
-    # 3: realism (Fréchet distance in encoder space) against baselines, n samples each
-    with torch.no_grad():
-        latents = torch.randn(n, pipe.vae.config.latent_channels, size // pipe.latent_factor,
-                              size // pipe.latent_factor, generator=torch.Generator().manual_seed(1))
-        vae_noise = pipe.decode(latents)
-    half = n // 2
-    baselines = {"blurred real tiles (sigma 2 px)": blur(real_t), "VAE-decoded noise": vae_noise,
-                 "colour-matched noise texture": colour_noise(real_t, 2)}
-    results["frechet_distance"] = realism_table(lambda t: features(encoder, t), real_feat, gen_feat, baselines,
-                                                half, generated_half=True)
+    # 3: realism: C2ST and unpaired FD of every row against held-out half A
+    results["realism"] = realism(pipe, encoder, args)
 
-    # 3b: the same in an independent feature space (a network trained on real nuclei)
-    from pipelines.encoders import load_model_folder, weights_digest
-    from pipelines.segmenter import HoVerNetLite
-
-    segmenter = load_model_folder(HoVerNetLite, Path(args.segmenter)).eval()
-    results["independent_space"] = {"segmenter": args.segmenter, "digest": weights_digest(Path(args.segmenter))[:16]}
-    seg_real = independent_features(segmenter, real_t)
-    results["frechet_distance_independent"] = realism_table(
-        lambda t: independent_features(segmenter, t), seg_real, independent_features(segmenter, generated),
-        baselines, half)
-
-    # 3c: guidance sweep (one seed per condition)
+    # 3c: guidance sweep: conditioning and fixed-feature C2ST (one seed per condition)
     sweep = []
     for g in [float(v) for v in args.sweep.split(",") if v.strip()]:
         batch = generated if g == args.guidance else generate_for(pipe, tokens, size, args.steps, g, seed=0)
         c_m, c_r = conditioning(encoder, [batch], cond)
+        halves = heldout_halves(REALISM_SIZE)
+        row = realism_rows(pipe, encoder, halves, args.steps, g)
+        generated_row = row[next(k for k in row if k.startswith("generated"))]
+        c2st = feature_c2st(texture_features(halves.a), texture_features(generated_row.tiles),
+                            [f"block{k}" for k in halves.groups_a], generated_row.groups, strata_a=halves.sources_a,
+                            strata_b=generated_row.strata)
         sweep.append({"guidance": g, "cosine_matched": round(c_m, 4), "cosine_random_pairs": round(c_r, 4),
-                      "fd_encoder": round(frechet_distance(features(encoder, batch), real_feat), 3),
-                      "fd_independent": round(frechet_distance(independent_features(segmenter, batch), seg_real), 3)})
+                      "c2st_fixed_features": c2st.as_dict()})
         print(sweep[-1], flush=True)
     if sweep:
         results["guidance_sweep"] = sweep

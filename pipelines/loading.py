@@ -102,11 +102,19 @@ LATENT_CLIP = 3.0
 
 def latent_ddim(config: Any = None, **overrides: Any):
     """A DDIM scheduler safe for epsilon-prediction latent models on the cosine schedule:
-    x0 clipped to +-:data:`LATENT_CLIP`, 'leading' timesteps (the first step is not t=999)."""
+    x0 clipped to +-:data:`LATENT_CLIP`, 'leading' timesteps (the first step is not t=999).
+    A zero-terminal-SNR config (``rescale_betas_zero_snr``, v-prediction) gets plain DDIM on
+    'trailing' timesteps instead."""
     from diffusers import DDIMScheduler
 
     kwargs = {"clip_sample": True, "clip_sample_range": LATENT_CLIP, "timestep_spacing": "leading",
-              "steps_offset": 1, "set_alpha_to_one": False, **overrides}
+              "steps_offset": 1, "set_alpha_to_one": False}
+    zero_snr = (config or {}).get("rescale_betas_zero_snr", False) or overrides.get("rescale_betas_zero_snr", False)
+    if zero_snr:
+        # zero terminal SNR (Lin et al. 2024) with v-prediction: the first step starts at
+        # pure noise (t = 999, 'trailing') and x0 needs no clipping -- no workaround
+        kwargs = {"clip_sample": False, "timestep_spacing": "trailing", "steps_offset": 0, "set_alpha_to_one": False}
+    kwargs.update(overrides)
     if config is not None:
         return DDIMScheduler.from_config(config, **kwargs)
     return DDIMScheduler(**kwargs)

@@ -97,6 +97,7 @@ def test_latent_bank_rotates_latents_and_token_grids_together():
     from training.ldm import LatentBank
 
     bank = LatentBank.__new__(LatentBank)
+    bank.dihedral = True
     bank.latents = torch.arange(16.0).reshape(1, 1, 4, 4)
     bank.tokens = torch.arange(4.0).reshape(1, 2, 2, 1)
     for seed in range(8):
@@ -128,3 +129,75 @@ def test_warmup_cosine_schedule_and_ema_swap():
     with ema_weights(ema, model):
         assert not model.training and not torch.equal(model.weight, trained)
     assert model.training and torch.equal(model.weight, trained)
+
+
+def test_v_prediction_zero_terminal_snr_recipe_trains_and_samples_without_clipping(trained, tmp_path):
+    """Issue 19's objective: v-prediction on a zero-terminal-SNR schedule, min-SNR weights,
+    a bank that rotates crops before encoding (orientation-keeping encoders)."""
+    from pipelines.embedding_to_image import EmbeddingToImagePipeline
+    from pipelines.loading import latent_ddim
+    from training import ldm
+
+    root, vae_dir, enc_dir, _, _ = trained
+    cfg = recipe(tmp_path / "v.yaml", output_dir=str(tmp_path / "v"), vae=str(vae_dir), encoder=str(enc_dir),
+                 crop_size=64, batch_size=2, max_steps=2, validate_every=2, validation_steps=2, checkpoint_every=2,
+                 block_out_channels=[32, 32], cross_attention_dim=16, attention_head_dim=8, map_channels=2,
+                 warmup_steps=1, bank_size=4, prediction_type="v_prediction", zero_terminal_snr=True, snr_gamma=5.0,
+                 dihedral_bank=False)
+    pipe = EmbeddingToImagePipeline.from_pretrained(ldm.main(["--config", str(cfg)]))
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert pipe.scheduler.config.rescale_betas_zero_snr
+    sampler = latent_ddim(pipe.scheduler.config)
+    assert not sampler.config.clip_sample and sampler.config.timestep_spacing == "trailing"
+    sampler.set_timesteps(4)
+    assert int(sampler.timesteps[0]) == 999 and float(sampler.alphas_cumprod[-1]) < 1e-6  # starts from pure noise
+
+
+def test_min_snr_weights_follow_the_definition():
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+
+    from training.ldm import LDMConfig, objective
+
+    sched = DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
+    latents, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t = torch.tensor([10, 900])
+    pred = torch.zeros_like(latents)
+    cfg = LDMConfig(prediction_type="v_prediction", snr_gamma=5.0)
+    per = ((sched.get_velocity(latents, noise, t)) ** 2).mean(dim=(1, 2, 3))
+    snr = compute_snr(sched, t)
+    expected = (torch.minimum(snr, torch.tensor(5.0)) / (snr + 1) * per).mean()
+    assert objective(sched, latents, noise, t, pred, cfg).item() == pytest.approx(expected.item(), rel=1e-5)
+    plain = LDMConfig(prediction_type="epsilon")
+    assert objective(sched, latents, noise, t, pred, plain).item() == pytest.approx((noise ** 2).mean().item(), rel=1e-5)
+
+
+def test_objective_settings_that_cannot_train_are_refused_before_loading(tmp_path):
+    from studio.errors import InputError
+    from training import ldm
+
+    with pytest.raises(InputError, match="needs prediction_type"):
+        ldm.main(["--config", str(recipe(tmp_path / "z.yaml", zero_terminal_snr=True, vae=str(tmp_path / "none")))])
+    with pytest.raises(InputError, match="use epsilon or v_prediction"):
+        ldm.main(["--config", str(recipe(tmp_path / "p.yaml", prediction_type="sample"))])
+
+
+def test_orientation_keeping_bank_serves_pairs_as_encoded():
+    from training.ldm import LatentBank
+
+    bank = LatentBank.__new__(LatentBank)
+    bank.dihedral = False
+    bank.latents = torch.arange(16.0).reshape(1, 1, 4, 4)
+    bank.tokens = torch.arange(4.0).reshape(1, 2, 2, 1)
+    for seed in range(4):
+        lat, tok = bank.batch(1, torch.Generator().manual_seed(seed))
+        assert torch.equal(lat, bank.latents) and torch.equal(tok.flatten(), bank.tokens.flatten())
+
+
+def test_ssl_encoder_geometric_setting_keeps_or_drops_orientation():
+    from training.ssl_encoder import augment
+
+    windows = torch.rand(4, 3, 72, 72)
+    windows[:, :, :, :36] = 0.0  # left half dark: a direction a rotation would move
+    keep = augment(windows, 64, torch.Generator().manual_seed(0), geometric="none")
+    assert (keep[:, :, :, :20].mean() < keep[:, :, :, -20:].mean()).item()

@@ -64,6 +64,14 @@ class LDMConfig:
     mixed_precision: str = "no"
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
+    # objective (issue 19): "epsilon" or "v_prediction"; zero terminal SNR (needs v) removes
+    # the sampler's x0 clipping; min-SNR-gamma loss weighting (Hang et al. 2023; 0 = off)
+    prediction_type: str = "epsilon"
+    zero_terminal_snr: bool = False
+    snr_gamma: float = 0.0
+    # the bank's flips/rotations assume an encoder invariant to them; an orientation-keeping
+    # encoder (ssl_encoder geometric: none) needs False: each crop is rotated *before* encoding
+    dihedral_bank: bool = True
     # model
     block_out_channels: tuple[int, ...] = (32, 64, 128)
     attention_levels: int = 1  # cross-attention in the lowest N resolutions only (cost: 16x16 attention doubles it)
@@ -119,18 +127,25 @@ class LatentBank:
     """(latent, token grid) pairs encoded once, served with dihedral augmentation.
 
     Encoding every batch with the VAE and the encoder costs about a fifth of a CPU step.
-    Both are convolutional and the encoder was trained to ignore rotations and flips, so
-    rotating / flipping a latent together with its token grid gives the pair the rotated
-    image would have had: a bank of N crops serves 8N distinct training pairs.
+    Both are convolutional and, with ``dihedral=True``, the encoder was trained to ignore
+    rotations and flips, so rotating / flipping a latent together with its token grid gives
+    the pair the rotated image would have had: a bank of N crops serves 8N distinct
+    training pairs. An orientation-keeping encoder's token of a rotated crop is *not* its
+    rotated token grid, so with ``dihedral=False`` each crop is flipped / rotated at random
+    before both encoders see it, and served as it is.
     """
 
-    def __init__(self, vae, encoder, sampler: CropSampler, size: int, grid: tuple[int, int], batch: int = 32):
+    def __init__(self, vae, encoder, sampler: CropSampler, size: int, grid: tuple[int, int], batch: int = 32,
+                 dihedral: bool = True):
         from studio.io import to_tensor
 
+        self.dihedral = dihedral
         latents, tokens = [], []
         gen = torch.Generator().manual_seed(12345)
         for i in range(0, size, batch):
             tiles = to_tensor(sampler.crops(50_000_000 + i, min(batch, size - i)))
+            if not dihedral:
+                tiles = torch.stack([_random_dihedral(t, gen) for t in tiles])
             lat, tok = encode_batch(vae, encoder, tiles, grid, gen)
             latents.append(lat)
             tokens.append(tok)
@@ -140,6 +155,8 @@ class LatentBank:
     def batch(self, batch_size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.randint(0, len(self.latents), (batch_size,), generator=gen)
         lat, tok = self.latents[idx], self.tokens[idx]  # (B, C, h, w), (B, gh, gw, D)
+        if not self.dihedral:
+            return lat.contiguous(), tok.reshape(batch_size, -1, tok.shape[-1])
         k = int(torch.randint(0, 4, (1,), generator=gen))
         lat, tok = torch.rot90(lat, k, dims=(2, 3)), torch.rot90(tok, k, dims=(1, 2))
         if torch.rand(1, generator=gen).item() < 0.5:
@@ -147,11 +164,46 @@ class LatentBank:
         return lat.contiguous(), tok.reshape(batch_size, -1, tok.shape[-1])
 
 
+def _random_dihedral(tile: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """One of the eight flips/rotations of a ``(3, H, W)`` tile, at random."""
+    tile = torch.rot90(tile, int(torch.randint(0, 4, (1,), generator=gen)), dims=(1, 2))
+    return tile.flip(2) if torch.rand(1, generator=gen).item() < 0.5 else tile
+
+
+def check_objective(cfg: LDMConfig) -> None:
+    """Refuse objective settings that cannot train (before any model is built)."""
+    from studio.errors import InputError
+
+    if cfg.prediction_type not in ("epsilon", "v_prediction"):
+        raise InputError("prediction_type", f"{cfg.prediction_type!r}; use epsilon or v_prediction")
+    if cfg.zero_terminal_snr and cfg.prediction_type != "v_prediction":
+        raise InputError("zero_terminal_snr", "needs prediction_type: v_prediction (epsilon is undefined at SNR 0)")
+    if cfg.snr_gamma < 0:
+        raise InputError("snr_gamma", f"{cfg.snr_gamma}; must be >= 0 (0 turns min-SNR weighting off)")
+
+
+def objective(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+              prediction: torch.Tensor, cfg: LDMConfig) -> torch.Tensor:
+    """The denoising loss: MSE to the noise or to the velocity, min-SNR-weighted per sample
+    when ``snr_gamma`` > 0 (weights ``min(SNR, gamma) / SNR``, or ``/ (SNR + 1)`` for v)."""
+    from diffusers.training_utils import compute_snr
+
+    target = noise if cfg.prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, t)
+    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if cfg.snr_gamma <= 0:
+        return per_sample.mean()
+    snr = compute_snr(noise_scheduler, t)
+    clipped = torch.minimum(snr, torch.full_like(snr, cfg.snr_gamma))
+    weight = clipped / (snr + 1) if cfg.prediction_type == "v_prediction" else clipped / snr.clamp_min(1e-8)
+    return (weight * per_sample).mean()
+
+
 def make_pipeline(vae, unet, conditioner, cfg: LDMConfig):
     from pipelines.embedding_to_image import EmbeddingToImagePipeline
     from pipelines.loading import latent_ddim
 
-    scheduler = latent_ddim(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule)
+    scheduler = latent_ddim(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
+                            prediction_type=cfg.prediction_type, rescale_betas_zero_snr=cfg.zero_terminal_snr)
     return EmbeddingToImagePipeline(vae=vae, unet=unet, conditioner=conditioner, scheduler=scheduler)
 
 
@@ -183,6 +235,7 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     cfg = load_config(LDMConfig, args.config, {"max_steps": args.max_steps, "output_dir": args.output_dir,
                                                "vae": args.vae, "encoder": args.encoder, "threads": args.threads})
+    check_objective(cfg)
     torch.set_num_threads(cfg.threads)
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -202,7 +255,8 @@ def main(argv: list[str] | None = None) -> Path:
     encoder = load_encoder(cfg.encoder, device=accelerator.device)
     unet, conditioner = build_models(cfg, vae, encoder.dim)
     denoiser = Denoiser(unet, conditioner)
-    noise_scheduler = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule)
+    noise_scheduler = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
+                                    prediction_type=cfg.prediction_type, rescale_betas_zero_snr=cfg.zero_terminal_snr)
     optimizer = torch.optim.AdamW(denoiser.parameters(), lr=cfg.learning_rate, weight_decay=1e-4)
     lr_scheduler = warmup_cosine_scheduler(optimizer, cfg.warmup_steps, cfg.max_steps)
     denoiser, optimizer, lr_scheduler = accelerator.prepare(denoiser, optimizer, lr_scheduler)
@@ -215,7 +269,8 @@ def main(argv: list[str] | None = None) -> Path:
     sampler = CropSampler(list(regions("train").values()), cfg.crop_size, min_tissue=0.5, seed=cfg.seed)
     val_tiles = to_tensor(CropSampler(list(regions("heldout").values()), cfg.crop_size, min_tissue=0.6,
                                       seed=99).crops(0, 8)).to(accelerator.device)
-    bank = LatentBank(vae, encoder, sampler, cfg.bank_size, grid) if cfg.bank_size > 0 else None
+    bank = (LatentBank(vae, encoder, sampler, cfg.bank_size, grid, dihedral=cfg.dihedral_bank)
+            if cfg.bank_size > 0 else None)
     log = MetricsLog(out)
     for step in range(start, cfg.max_steps):
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
@@ -234,7 +289,7 @@ def main(argv: list[str] | None = None) -> Path:
         t = torch.randint(0, cfg.num_train_timesteps, (latents.shape[0],), generator=gen).to(latents.device)
         noisy = noise_scheduler.add_noise(latents, noise, t)
         with accelerator.accumulate(denoiser):
-            loss = F.mse_loss(denoiser(noisy, t, tokens, grid), noise)
+            loss = objective(noise_scheduler, latents, noise, t, denoiser(noisy, t, tokens, grid), cfg)
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(denoiser.parameters(), 1.0)
             optimizer.step()

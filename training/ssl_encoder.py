@@ -3,9 +3,16 @@
     python -m training.ssl_encoder --config training/recipes/ssl_encoder.yaml [--resume latest]
 
 SimCLR (Chen et al. 2020): two random augmentations of each 64x64 patch of real tissue
-(crop-and-resize, flips, 90-degree rotations, stain jitter, blur, noise) are pulled together
-and pushed away from every other patch in the batch (NT-Xent loss on a projection head
-that is discarded after training). Stain jitter makes the embedding describe tissue and
+(crop-and-resize, stain jitter, blur, noise, and with ``geometric: d4`` flips and 90-degree
+rotations) are pulled together and pushed away from every other patch in the batch
+(NT-Xent loss on a projection head that is discarded after training).
+
+``geometric`` decides what the tokens may forget. ``d4`` (the first shipped encoder) makes
+them invariant to the eight flips/rotations of a patch, so they cannot say which way fibres,
+nuclei or glands run, and a generator conditioned on them cannot reproduce it. ``none``
+keeps orientation: two views differ only in scale, stain, blur and noise
+(``training/recipes/ssl_encoder_oriented.yaml``). ``bench/orientation_probe.py`` checks
+which of the two a checkpoint is. Stain jitter makes the embedding describe tissue and
 cells rather than a lab's colours, which is what conditioning generation needs.
 
 Validation, on patches from the held-out regions: alignment (mean distance between two
@@ -45,6 +52,10 @@ class SSLConfig:
     keep_checkpoints: int = 2
     validate_every: int = 250
     threads: int = 1
+    geometric: str = "d4"  # "d4": invariant to flips and 90-degree rotations; "none": keep orientation
+
+
+GEOMETRIC = ("d4", "none")
 
 
 class ProjectionHead(nn.Module):
@@ -56,9 +67,9 @@ class ProjectionHead(nn.Module):
         return self.net(x)
 
 
-def augment(windows: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
-    """One random view per window: crop 60-100 % of it, resize to ``size``, flip/rotate,
-    stain jitter, blur, noise."""
+def augment(windows: torch.Tensor, size: int, gen: torch.Generator, geometric: str = "d4") -> torch.Tensor:
+    """One random view per window: crop 60-100 % of it, resize to ``size``, flip/rotate
+    (``geometric="d4"`` only), stain jitter, blur, noise."""
     from studio.stain.augment import StainAugment
 
     b, _, h, _ = windows.shape
@@ -70,9 +81,10 @@ def augment(windows: torch.Tensor, size: int, gen: torch.Generator) -> torch.Ten
         crop = windows[i:i + 1, :, y:y + side, x:x + side]
         crop = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         k = int(torch.randint(0, 4, (1,), generator=gen))
-        crop = torch.rot90(crop, k, dims=(2, 3))
-        if torch.rand(1, generator=gen) < 0.5:
-            crop = crop.flip(3)
+        flip = bool(torch.rand(1, generator=gen) < 0.5)  # drawn either way: same stream for both settings
+        if geometric == "d4":
+            crop = torch.rot90(crop, k, dims=(2, 3))
+            crop = crop.flip(3) if flip else crop
         views.append(crop)
     views = torch.cat(views)
     views = StainAugment(angle_deg=6.0, scale=0.35, shift=0.08)(views, gen)
@@ -95,11 +107,12 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
 
 
 @torch.no_grad()
-def validate(model, windows: torch.Tensor, labels: torch.Tensor, size: int) -> dict[str, float]:
+def validate(model, windows: torch.Tensor, labels: torch.Tensor, size: int, geometric: str = "d4"
+             ) -> dict[str, float]:
     gen = torch.Generator().manual_seed(1234)
     model.eval()
-    a = F.normalize(model(augment(windows, size, gen)), dim=1)
-    b = F.normalize(model(augment(windows, size, gen)), dim=1)
+    a = F.normalize(model(augment(windows, size, gen, geometric)), dim=1)
+    b = F.normalize(model(augment(windows, size, gen, geometric)), dim=1)
     align = (a - b).norm(dim=1).pow(2).mean().item()
     uniform = torch.pdist(a).pow(2).mul(-2).exp().mean().log().item()
     sim = a @ b.T  # nearest neighbour of each view among the other views (excluding its twin)
@@ -126,6 +139,10 @@ def main(argv: list[str] | None = None) -> Path:
     args = common_args(__doc__.split("\n\n")[0], recipe).parse_args(argv)
     cfg = load_config(SSLConfig, args.config, {"max_steps": args.max_steps, "output_dir": args.output_dir,
                                                "threads": args.threads})
+    if cfg.geometric not in GEOMETRIC:
+        from studio.errors import InputError
+
+        raise InputError("geometric", f"{cfg.geometric!r}; use one of {', '.join(GEOMETRIC)}")
     torch.set_num_threads(cfg.threads)
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -154,7 +171,8 @@ def main(argv: list[str] | None = None) -> Path:
 
         windows = to_tensor(sampler.crops(step, cfg.batch_size))
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
-        v1, v2 = augment(windows, cfg.patch_size, gen), augment(windows, cfg.patch_size, gen)
+        v1 = augment(windows, cfg.patch_size, gen, cfg.geometric)
+        v2 = augment(windows, cfg.patch_size, gen, cfg.geometric)
         loss = nt_xent(head(model(v1)), head(model(v2)), cfg.temperature)
         accelerator.backward(loss)
         optimizer.step()
@@ -164,7 +182,8 @@ def main(argv: list[str] | None = None) -> Path:
         if done % 25 == 0:
             log.write(step=done, loss=loss.item(), lr=scheduler.get_last_lr()[0])
         if done % cfg.validate_every == 0 or done == cfg.max_steps:
-            metrics = validate(accelerator.unwrap_model(model), val_windows, val_labels, cfg.patch_size)
+            metrics = validate(accelerator.unwrap_model(model), val_windows, val_labels, cfg.patch_size,
+                               cfg.geometric)
             log.write(step=done, **metrics)
             accelerator.print(f"step {done}: loss {loss.item():.3f} {metrics}")
         if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:

@@ -13,6 +13,7 @@ of it, chosen so that it contains tissue:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -80,3 +81,52 @@ def tissue_tiles(split: str, size: int = 256, stride: int | None = None, min_tis
     if not tiles:
         raise InputError(split, f"has no {size}x{size} tissue tiles")
     return np.ascontiguousarray(np.stack(tiles))
+
+
+
+class HeldoutHalves(NamedTuple):
+    """Two disjoint held-out tile sets; ``groups_*`` name the spatial block of each tile."""
+
+    a: np.ndarray
+    b: np.ndarray
+    groups_a: np.ndarray
+    groups_b: np.ndarray
+    sources_a: list[str]
+    sources_b: list[str]
+
+
+def heldout_halves(size: int = 128, min_tissue: float = 0.6, block: int = 4) -> HeldoutHalves:
+    """Two disjoint sets of held-out tissue tiles from one distribution, for two-sample tests.
+
+    The held-out band of every image is cut into non-overlapping ``size`` tiles, dealt to
+    set A and set B like the squares of a checkerboard, so both sets sample every image in
+    the same proportion and no pixel lies in both. A is the reference a test compares
+    against; B is what "real tissue" scores against A (the floor), and what conditions a
+    generator whose output is compared against A: never A itself, so no baseline or sample
+    shares the reference's content. Tiles within one ``block`` x ``block`` square of the
+    grid share a group id (neighbours are not independent; a test keeps a group on one
+    side of its train / test split).
+
+    The default 128 px is the embedding LDM's training crop; at 256 px the held-out bands
+    (1.5 MPix in all) hold only 17 tissue tiles, too few for a two-sample test.
+    """
+    sets: dict[int, list] = {0: [], 1: []}
+    groups: dict[int, list] = {0: [], 1: []}
+    sources: dict[int, list] = {0: [], 1: []}
+    for r, (name, image) in enumerate(regions("heldout").items()):
+        h, w = image.shape[:2]
+        for i, y in enumerate(range(0, h - size + 1, size)):
+            for j, x in enumerate(range(0, w - size + 1, size)):
+                tile = image[y:y + size, x:x + size]
+                if tissue_fraction(tile) < min_tissue:
+                    continue
+                side = (i + j) % 2
+                sets[side].append(tile)
+                groups[side].append(f"{r}:{i // block}:{j // block}")
+                sources[side].append(name)
+    if min(len(sets[0]), len(sets[1])) < 4:
+        raise InputError("heldout", f"has too few {size}x{size} tissue tiles for two halves")
+    ids = {g: k for k, g in enumerate(sorted(set(groups[0]) | set(groups[1])))}
+    return HeldoutHalves(np.ascontiguousarray(np.stack(sets[0])), np.ascontiguousarray(np.stack(sets[1])),
+                         np.array([ids[g] for g in groups[0]]), np.array([ids[g] for g in groups[1]]),
+                         sources[0], sources[1])
