@@ -2,6 +2,7 @@
 
     python scripts/export_checkpoints.py vae            # runs/vae/final            -> checkpoints/tile-vae
     python scripts/export_checkpoints.py ssl-encoder    # runs/ssl_encoder/final    -> checkpoints/ssl-encoder
+    python scripts/export_checkpoints.py ssl-encoder-oriented  # runs/ssl_encoder_oriented/final -> ...-oriented
     python scripts/export_checkpoints.py embedding-ldm  # runs/ldm/final (+ sampler) -> checkpoints/embedding-ldm
     python scripts/export_checkpoints.py segmenter      # runs/segmenter/final      -> checkpoints/nuclei-segmenter
     python scripts/export_checkpoints.py virtual-ihc-her2  # runs/virtual_ihc_her2[_diffusion]/final -> ...-her2
@@ -252,7 +253,8 @@ def export_segmenter(run: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["vae", "ssl-encoder", "embedding-ldm", "segmenter", "virtual-ihc-her2",
+    parser.add_argument("what", choices=["vae", "ssl-encoder", "ssl-encoder-oriented", "embedding-ldm", "segmenter",
+                                         "virtual-ihc-her2",
                                          "virtual-ihc-ki67", "stain-fuser", "stain-fuser-regressor",
                                          "mask-ldm"])
     parser.add_argument("--runs", type=Path, default=ROOT / "runs")
@@ -275,11 +277,12 @@ def main() -> None:
 
         out = export_model(AutoencoderKL, args.runs / "vae" / "final", CKPT / "tile-vae",
                            provenance(args.runs / "vae", "vae", "vae.yaml"))
-    elif args.what == "ssl-encoder":
+    elif args.what.startswith("ssl-encoder"):
         from pipelines.encoders import PatchEncoder
 
-        out = export_model(PatchEncoder, args.runs / "ssl_encoder" / "final", CKPT / "ssl-encoder",
-                           provenance(args.runs / "ssl_encoder", "ssl_encoder", "ssl_encoder.yaml"))
+        name = args.what.replace("-", "_")
+        out = export_model(PatchEncoder, args.runs / name / "final", CKPT / args.what,
+                           provenance(args.runs / name, "ssl_encoder", f"{name}.yaml"))
     elif args.what == "segmenter":
         out = export_segmenter(args.run or args.runs / "segmenter")
     elif args.what == "mask-ldm":
