@@ -16,6 +16,8 @@ Back-ends, all loaded from local files (nothing is downloaded):
 * **transformers** (:class:`TransformersEncoder`): any Hugging Face vision model folder,
   e.g. Phikon (a ViT-B/16 trained with iBOT on TCGA) downloaded separately; CLS token for
   the global embedding, patch tokens average-pooled onto the grid.
+* **UNI-2h** (:class:`pipelines.uni2h.UNI2hEncoder`, ``uni2h:FOLDER``): MahmoodLab's
+  release rebuilt in plain torch under timm's parameter names, what PixCell is conditioned on.
 * **timm** (:class:`TimmEncoder`, optional): UNI, Virchow and other timm architectures by
   name plus a local weights file. timm imports torchvision; install both only with a
   matching (e.g. CUDA) torch build.
@@ -124,19 +126,38 @@ class BuiltinEncoder:
         return cls(model, identity=f"builtin:{weights_digest(folder)}", device=device)
 
     @torch.no_grad()
-    def patch_tokens(self, tiles: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    def patch_tokens(self, tiles: torch.Tensor, stride: int | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+        """One token per ``stride`` pixels (default: per patch, no overlap). A finer
+        ``stride`` embeds a ``patch_size`` window centred on every ``stride`` cell (the tile
+        reflect-padded by half the difference), so each token still sees a whole patch."""
         tiles = check_tiles(tiles).to(next(self.model.parameters()).device, torch.float32)
         b, _, h, w = tiles.shape
-        ph, pw = max(1, round(h / self.patch)), max(1, round(w / self.patch))
-        if (h, w) != (ph * self.patch, pw * self.patch):
-            tiles = F.interpolate(tiles, size=(ph * self.patch, pw * self.patch), mode="area")
-        patches = tiles.unfold(2, self.patch, self.patch).unfold(3, self.patch, self.patch)  # B,3,ph,pw,p,p
+        step = stride or self.patch
+        if step > self.patch or self.patch % step:
+            raise InputError("token stride", f"{step} px; use a divisor of the encoder's {self.patch} px patch")
+        ph, pw = max(1, round(h / step)), max(1, round(w / step))
+        if (h, w) != (ph * step, pw * step):
+            tiles = F.interpolate(tiles, size=(ph * step, pw * step), mode="area")
+        pad = (self.patch - step) // 2
+        if pad:
+            tiles = F.pad(tiles, (pad, pad, pad, pad), mode="reflect")
+        patches = tiles.unfold(2, self.patch, step).unfold(3, self.patch, step)  # B,3,ph,pw,p,p
         patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(b * ph * pw, 3, self.patch, self.patch)
         tokens = torch.cat([self.model(patches[i:i + 256]) for i in range(0, len(patches), 256)])
         return tokens.reshape(b, ph * pw, self.dim), (ph, pw)
 
     def embed(self, tiles: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
-        tokens, hw = self.patch_tokens(tiles)
+        """Global token (``grid=None``) or tokens on ``grid``. A grid finer than one token
+        per patch (e.g. one per 32 px, ``token_pixels: 32``) is computed from overlapping
+        windows at that pitch (:meth:`patch_tokens`), not by repeating coarse tokens."""
+        stride = None
+        if grid is not None:
+            h, w = tiles.shape[-2:]
+            native = (max(1, round(h / self.patch)), max(1, round(w / self.patch)))
+            if grid[0] > native[0] or grid[1] > native[1]:
+                pitch = min(h // grid[0], w // grid[1])
+                stride = max(d for d in range(1, self.patch + 1) if self.patch % d == 0 and d <= max(1, pitch))
+        tokens, hw = self.patch_tokens(tiles, stride)
         if grid is None:
             return tokens.mean(dim=1, keepdim=True)
         return pool_to_grid(tokens, hw, grid) if tuple(grid) != hw else tokens
@@ -307,6 +328,8 @@ def load_encoder(spec: str | Path, device: str | torch.device | None = None) -> 
     * a folder with a :class:`PatchEncoder` config -> built-in encoder;
     * a folder with a Hugging Face ``config.json`` (``model_type``) -> transformers;
     * ``timm:ARCHITECTURE:WEIGHTS_FILE`` -> timm;
+    * ``uni2h:FOLDER`` (or a folder with UNI-2h's timm ``config.json``) -> UNI-2h in plain
+      torch (:mod:`pipelines.uni2h`, no timm);
     * ``builtin`` -> the shipped demo encoder (``checkpoints/ssl-encoder``).
     """
     text = str(spec)
@@ -317,6 +340,10 @@ def load_encoder(spec: str | Path, device: str | torch.device | None = None) -> 
     if text.startswith("timm:"):
         _, arch, weights = text.split(":", 2)
         return TimmEncoder(arch, weights, device=device)
+    if text.startswith("uni2h:"):
+        from pipelines.uni2h import UNI2hEncoder
+
+        return UNI2hEncoder.from_folder(text[len("uni2h:"):], device=device)
     folder = Path(text)
     config = folder / "config.json"
     if not config.is_file():
@@ -327,6 +354,10 @@ def load_encoder(spec: str | Path, device: str | torch.device | None = None) -> 
         return BuiltinEncoder.from_pretrained(folder, device=device)
     if "model_type" in data:
         return TransformersEncoder(folder, device=device)
+    if str(data.get("architecture", "")).startswith("vit_"):  # a timm hub config, as UNI-2h's release has
+        from pipelines.uni2h import UNI2hEncoder
+
+        return UNI2hEncoder.from_folder(folder, device=device)
     raise WeightsError(config, "is neither a PatchEncoder nor a transformers config")
 
 

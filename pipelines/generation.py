@@ -126,6 +126,10 @@ def load_generation_pipeline(settings: GenerationSettings):
     if not folder.exists():
         raise WeightsError(folder, "no such checkpoint: train one with `python -m training.ldm` or pass "
                                    "--checkpoint DIR")
+    from pipelines.pixcell import is_pixcell_folder, load_pixcell_pipeline
+
+    if is_pixcell_folder(folder):  # a published PixCell release: its own back-end, same interface
+        return load_pixcell_pipeline(settings)
     dtypes = {"float32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if settings.dtype not in dtypes:
         raise InputError("--dtype", f"{settings.dtype!r}; use float32, bf16 or fp16")
@@ -140,7 +144,9 @@ def load_generation_pipeline(settings: GenerationSettings):
         if config.get("prediction_type", "epsilon") == "epsilon" and config.get("beta_schedule") == "squaredcos_cap_v2":
             warnings.warn(f"--scheduler {settings.scheduler}: this epsilon-prediction model on the cosine schedule "
                           "samples reliably only with DDIM (x0 clipping); expect colour artefacts", stacklevel=2)
-        pipe.scheduler = schedulers[settings.scheduler].from_config(config, timestep_spacing="leading", steps_offset=1)
+        spacing = ({"timestep_spacing": "trailing", "steps_offset": 0} if config.get("rescale_betas_zero_snr")
+                   else {"timestep_spacing": "leading", "steps_offset": 1})  # zero terminal SNR starts at t = 999
+        pipe.scheduler = schedulers[settings.scheduler].from_config(config, **spacing)
     pipe.to(settings.device)
     if settings.device.startswith("cuda"):
         try:
@@ -157,6 +163,11 @@ def embedding_encoder_for(settings: GenerationSettings):
 
     folder = Path(settings.checkpoint) / "encoder.json"
     spec = settings.encoder
+    if spec == "auto" and not folder.is_file():
+        from pipelines.pixcell import is_pixcell_folder, uni2h_spec_for
+
+        if is_pixcell_folder(settings.checkpoint):  # PixCell is conditioned on UNI-2h
+            spec = uni2h_spec_for(settings.checkpoint)
     if spec == "auto":
         spec = json.loads(folder.read_text())["encoder"] if folder.is_file() else "builtin"
     return load_encoder(spec, device=settings.device)

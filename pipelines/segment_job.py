@@ -1,7 +1,9 @@
 """The job behind ``histostudio segment``: nuclei of tiles, folders, globs and whole slides.
 
-:func:`segment_inputs` expands the inputs (files, folders -- their images and slides,
-not recursive --, glob patterns), then segments each one with a
+Segmentation is a unit processor of the one slide-job runner (:func:`studio.jobs.run_job`),
+like stain normalization and virtual IHC: every image and every slide is a unit with a
+manifest entry, atomic outputs, ``--resume``, a per-input error that does not stop the
+batch, and ``--executor dask``. :class:`SegmentTransform` holds a
 :class:`~pipelines.segmenter.NucleiSegmenter` and writes, under ``out``:
 
 =====================  =========================================================  ========
@@ -12,7 +14,11 @@ file                   content                                                  
 ``<name>.geojson``     QuPath detections, full-resolution pixel coordinates      all
 ``json/<name>.json``   HoVer-Net-style per-nucleus JSON                          images
 ``summary.csv``        one row per input: status, size, nuclei per class, error  all
+``manifest.json``      the runner's record of every unit (resume, errors, tries)  all
 =====================  =========================================================  ========
+
+``summary.csv`` is aggregated from the manifest after every run (:meth:`SegmentTransform.finalize`),
+so a resumed run's summary lists every input, whichever run segmented it.
 
 Instance and class maps are two ``.npy`` files (the :class:`~studio.data.base.NucleiSample`
 dtypes), not one stacked array: a whole slide's maps would not fit in memory, so slides get
@@ -29,28 +35,36 @@ Windows overlap by ``overlap`` pixels and are blended and merged in bands of row
 (:func:`pipelines.segmenter.segment_windows`), so nuclei on window borders come out
 whole and once, and memory stays bounded by a band of rows, not the slide.
 
-Every file is written atomically. A bad input (corrupt image, unreadable slide) is
-recorded in ``summary.csv`` with its error and the others go on; inputs that do not
-exist, globs that match nothing and files of unknown type are refused before any work.
+Blank images -- glass, black, ink, or featureless (:func:`studio.slides.blank_tiles`, judged
+per ``tile_size`` block) -- get empty maps without running the model, as a white tile
+would come out; in a partly blank image, nuclei lying mostly on blank blocks are dropped
+(a model invents nuclei on black). Both are recorded in the unit's manifest entry (``blank``,
+``blank_blocks``), as is an input read as RGBA or 16-bit (``converted``), with a one-line
+note printed and kept in ``summary.csv``.
+
+:func:`run_segment` is what ``histostudio segment`` calls (a folder holding an earlier run
+is refused unless ``--resume`` or ``--overwrite``); :func:`segment_inputs` is the library
+call with a loaded segmenter. Dask workers receive :func:`segment_spec` (the checkpoint
+folder and options, never the weights) and load the segmenter once per worker process
+(:func:`studio.jobs.load_transform`).
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import time
-import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from studio.errors import HistostudioError, InputError
+from studio.errors import InputError
 from studio.inputs import expand_inputs as expand_paths
 
 Progress = Callable[[dict[str, Any]], None]
+SUMMARY = "summary.csv"
 
 
 @dataclass(frozen=True)
@@ -101,10 +115,30 @@ def expand_segment_inputs(inputs: Sequence[str | Path]) -> list[SegmentInput]:
     return out
 
 
+def output_files(name: str, kind: str, out: Path) -> list[Path]:
+    """The files one input leaves in ``out`` (all must exist for its unit to count as done)."""
+    if kind == "slide":
+        return [out / f"{name}.geojson"]
+    return [out / f"{name}_inst.npy", out / f"{name}_cls.npy", out / f"{name}.geojson", out / "json" / f"{name}.json"]
+
+
+def segment_units(inputs: Sequence[str | Path], out: str | Path) -> list[Any]:
+    """The runner's units (:class:`studio.jobs.Unit`): one per image or slide, named by its stem."""
+    from studio.jobs import Unit
+
+    out = Path(out)
+    units = []
+    for item in expand_segment_inputs(inputs):
+        files = output_files(item.name, item.kind, out)
+        units.append(Unit(id=item.name, kind=item.kind, inputs=(str(item.path),),
+                          output=str(out / f"{item.name}.geojson"), files=tuple(str(f) for f in files)))
+    return units
+
+
 # --------------------------------------------------------------------------- summary
 def _summary_text(rows: list[dict[str, Any]], class_names: dict[int, str]) -> str:
     columns = ["name", "input", "kind", "status", "width", "height", "mpp", "n_nuclei",
-               *[class_names[c] for c in sorted(class_names)], "unknown", "seconds", "error"]
+               *[class_names[c] for c in sorted(class_names)], "unknown", "seconds", "error", "note"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, columns, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
@@ -120,16 +154,67 @@ def _counts_row(counts: np.ndarray, class_names: dict[int, str]) -> dict[str, in
 
 
 # --------------------------------------------------------------------------- one image
+def _blank_cells(image: np.ndarray, cell: int) -> np.ndarray:
+    """Bool ``(rows, cols)``: which ``cell``-pixel blocks of ``image`` are blank (glass, black,
+    ink, featureless; :func:`studio.slides.blank_tiles`)."""
+    from studio.slides import blank_tiles
+
+    h, w = image.shape[:2]
+    rows, cols = -(-h // cell), -(-w // cell)
+    out = np.zeros((rows, cols), dtype=bool)
+    for r in range(rows):
+        for c in range(cols):
+            out[r, c] = blank_tiles(image[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell][None])[0]
+    return out
+
+
+def _drop_blank_nuclei(inst: np.ndarray, cls: np.ndarray, type_prob: dict[int, float], blank: np.ndarray,
+                       cell: int) -> tuple[np.ndarray, np.ndarray, dict[int, float]]:
+    """Remove nuclei lying mostly on blank blocks (what a model invents on black or flat
+    pixels), renumbering the rest ``1..n`` in their order."""
+    h, w = inst.shape
+    on_blank = np.repeat(np.repeat(blank, cell, axis=0), cell, axis=1)[:h, :w]
+    n = int(inst.max(initial=0))
+    if n == 0 or not on_blank.any():
+        return inst, cls, type_prob
+    area = np.bincount(inst.ravel(), minlength=n + 1)
+    blank_area = np.bincount(inst[on_blank], minlength=n + 1)
+    keep = blank_area * 2 < area
+    keep[0] = False
+    new_id = np.zeros(n + 1, dtype=np.int32)
+    new_id[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+    inst2 = new_id[inst]
+    cls2 = np.where(inst2 > 0, cls, 0).astype(np.uint8)
+    probs = {int(new_id[k]): v for k, v in type_prob.items() if 0 < k <= n and keep[k]}
+    return inst2, cls2, probs
+
+
 def _segment_image(item: SegmentInput, out: Path, segmenter: Any, opts: dict[str, Any],
                    emit: Callable[..., None]) -> tuple[dict[str, Any], list[tuple[str, Path]]]:
     from studio.export import nucleus_features, write_features, write_hovernet_json
     from studio.io import read_image, save_npy
+    from studio.jobs import image_conversion
 
     image = read_image(item.path)
     h, w = image.shape[:2]
-    inst, cls, info = segmenter.segment(image, tile_size=opts["tile_size"], overlap=opts["overlap"],
-                                        batch_size=opts["batch_size"], image_mpp=opts.get("image_mpp"),
-                                        progress=lambda d, t: emit("windows", done=d, total=t))
+    cell = int(opts["tile_size"])
+    blank = _blank_cells(image, cell)
+    extra: dict[str, Any] = {}
+    if blank.all():
+        # Glass, black or featureless: no nuclei, as a white tile gives (the model would invent some).
+        inst, cls, info = np.zeros((h, w), np.int32), np.zeros((h, w), np.uint8), {"type_prob": {}}
+        emit("windows", done=1, total=1)
+        extra["blank"] = True
+    else:
+        inst, cls, info = segmenter.segment(image, tile_size=opts["tile_size"], overlap=opts["overlap"],
+                                            batch_size=opts["batch_size"], image_mpp=opts.get("image_mpp"),
+                                            progress=lambda d, t: emit("windows", done=d, total=t))
+        if blank.any():
+            inst, cls, info["type_prob"] = _drop_blank_nuclei(inst, cls, info["type_prob"], blank, cell)
+            extra["blank_blocks"] = int(blank.sum())
+    converted = image_conversion(item.path)
+    if converted:
+        extra["converted"] = converted
     names = segmenter.class_names
     written = [(f"{item.name} inst", save_npy(out / f"{item.name}_inst.npy", inst)),
                (f"{item.name} cls", save_npy(out / f"{item.name}_cls.npy", cls))]
@@ -142,7 +227,8 @@ def _segment_image(item: SegmentInput, out: Path, segmenter: Any, opts: dict[str
                              mag=round(10.0 / mpp, 2) if mpp else None)
     written.append((f"{item.name} json", js))
     counts = np.bincount(_instance_classes(inst, cls), minlength=len(names) + 1)
-    row = {"width": w, "height": h, "mpp": mpp, "n_nuclei": int(inst.max(initial=0)), **_counts_row(counts, names)}
+    row = {"width": w, "height": h, "mpp": mpp, "n_nuclei": int(inst.max(initial=0)), **_counts_row(counts, names),
+           **extra}
     return row, written
 
 
@@ -215,7 +301,244 @@ def _segment_slide(item: SegmentInput, out: Path, segmenter: Any, opts: dict[str
     return row, [(f"{item.name} geojson", geo)]
 
 
-# --------------------------------------------------------------------------- the job
+# --------------------------------------------------------------------------- the unit processor
+def check_segment_options(tile_size: int = 256, overlap: int = 64, mpp: float | None = None,
+                          image_mpp: float | None = None, simplify: float = 0.5, batch_size: int = 4) -> None:
+    """Refuse bad options before any model is loaded or anything written."""
+    if not isinstance(tile_size, int) or tile_size < 32:
+        raise InputError("--tile-size", f"{tile_size!r}; use at least 32 pixels")
+    if not isinstance(overlap, int) or not 0 <= overlap <= tile_size // 2:
+        raise InputError("--overlap", f"{overlap!r}; use 0 to half the tile size ({tile_size // 2})")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError("--batch-size", f"{batch_size!r}; must be a positive integer")
+    if mpp is not None and not (isinstance(mpp, (int, float)) and 0 < mpp < 100):
+        raise InputError("--mpp", f"{mpp!r}; expected microns per pixel, e.g. 0.5")
+    if image_mpp is not None and not (isinstance(image_mpp, (int, float)) and 0 < image_mpp < 100):
+        raise InputError("--image-mpp", f"{image_mpp!r}; expected microns per pixel, e.g. 1.0")
+    if simplify < 0:
+        raise InputError("--simplify", f"{simplify}; must be >= 0 pixels")
+
+
+class SegmentTransform:
+    """A nuclei segmenter as the slide job's unit processor (see the module docstring).
+
+    Args:
+        segmenter: a :class:`~pipelines.segmenter.NucleiSegmenter`.
+        tile_size, overlap: sliding-window side and overlap in pixels.
+        mpp: working resolution for slides (microns per pixel); None = the segmenter's.
+            Images are always segmented at their own pixel size; for them ``mpp`` is only
+            recorded (summary, and ``mag = 10 / mpp`` in the HoVer-Net JSON).
+        image_mpp: microns per pixel of plain images when it differs from the model's; they are
+            resampled to the model's resolution and the maps returned on the image's grid.
+        simplify: GeoJSON outline simplification tolerance in pixels.
+        checkpoint: the folder the segmenter came from (recorded in the manifest).
+    """
+
+    name = "nuclei-segmenter"
+    command = "segment"
+
+    def __init__(self, segmenter: Any, *, tile_size: int = 256, overlap: int = 64, mpp: float | None = None,
+                 image_mpp: float | None = None, simplify: float = 0.5, checkpoint: str = ""):
+        check_segment_options(tile_size, overlap, mpp, image_mpp, simplify)
+        self.segmenter = segmenter
+        self.tile_size, self.overlap, self.mpp, self.image_mpp, self.simplify = (tile_size, overlap, mpp, image_mpp,
+                                                                                 simplify)
+        self.checkpoint = checkpoint
+
+    @property
+    def class_names(self) -> dict[int, str]:
+        return self.segmenter.class_names
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": self.name, "checkpoint": self.checkpoint, "classes": self.class_names,
+                "model_mpp": self.segmenter.mpp, "tta": bool(getattr(self.segmenter, "tta", False)),
+                "tile_size": self.tile_size, "overlap": self.overlap, "mpp": self.mpp, "image_mpp": self.image_mpp,
+                "simplify": self.simplify}
+
+    def validate(self, opts: Any) -> None:
+        opts.validate_execution()  # the tile options of JobOptions are not segmentation's
+
+    def recorded_options(self, opts: Any) -> dict[str, Any]:
+        return {}  # every option that changes the output is in describe()
+
+    def process_unit(self, unit: Any, opts: Any, reporter: Any) -> dict[str, Any]:
+        item = SegmentInput(unit.id, Path(unit.inputs[0]), unit.kind)
+        out = Path(unit.output).parent
+        options = {"tile_size": self.tile_size, "overlap": self.overlap, "batch_size": opts.batch_size,
+                   "mpp": self.mpp, "simplify": self.simplify, "image_mpp": self.image_mpp}
+        seen = {"started": False, "done": 0}
+
+        def emit(event: str, done: int = 0, total: int = 0, **_: Any) -> None:
+            if event != "windows":
+                return
+            if not seen["started"]:
+                reporter.unit_started(unit, total)
+                seen["started"] = True
+            if done > seen["done"]:
+                reporter.unit_advanced(unit, done - seen["done"])
+                seen["done"] = done
+
+        worker = _segment_slide if item.kind == "slide" else _segment_image
+        row, _ = worker(item, out, self.segmenter, options, emit)
+        names = set(self.class_names.values())
+        entry = {"width": row["width"], "height": row["height"], "mpp": row["mpp"], "n_nuclei": row["n_nuclei"],
+                 "classes": {k: v for k, v in row.items() if k in names}, "unknown": row["unknown"],
+                 "megapixels": row["width"] * row["height"] / 1e6}
+        notes = []
+        if row.get("blank"):
+            entry["blank"] = True
+            notes.append("blank (glass, black or featureless): written as empty maps, no nuclei")
+        if row.get("blank_blocks"):
+            entry["blank_blocks"] = row["blank_blocks"]
+        if row.get("converted"):
+            entry["converted"] = row["converted"]
+            notes.append(f"read as 8-bit RGB: {row['converted']}")
+        if notes:
+            entry["notes"] = ["; ".join(notes)]
+        return entry
+
+    def finalize(self, out: Path, entries: Mapping[str, Mapping[str, Any]], units: Sequence[Any]) -> list[Path]:
+        """``summary.csv`` from every manifest entry: this run's units first, then earlier ones."""
+        from studio.io import atomic_write_text
+
+        order = [u.id for u in units if u.id in entries] + [k for k in entries if k not in {u.id for u in units}]
+        rows = []
+        for name in order:
+            entry = entries[name]
+            inputs = entry.get("inputs") or [""]
+            rows.append({"name": name, "input": inputs[0], "kind": entry.get("kind"), "status": entry.get("status"),
+                         "width": entry.get("width"), "height": entry.get("height"), "mpp": entry.get("mpp"),
+                         "n_nuclei": entry.get("n_nuclei"), **(entry.get("classes") or {}),
+                         "unknown": entry.get("unknown"), "seconds": entry.get("seconds"),
+                         "error": entry.get("error"), "note": "; ".join(entry.get("notes") or ())})
+        return [atomic_write_text(Path(out) / SUMMARY, _summary_text(rows, self.class_names))]
+
+
+def resolve_device(device: str | None) -> str:
+    """``auto`` -> CUDA when present, else CPU; a CUDA device that is not there is a one-line error."""
+    try:  # the studio-wide resolver, when present
+        from studio.devices import resolve_device as studio_resolve  # type: ignore[import-not-found]
+    except ImportError:
+        studio_resolve = None
+    if studio_resolve is not None:
+        return str(studio_resolve(device))
+    import torch
+
+    name = (device or "auto").strip().lower()
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("--device", f"{device}: CUDA is not available here; use --device cpu (or auto)")
+    return name
+
+
+def create_segment_transform(checkpoint: str, device: str | None = "auto", tta: bool = False, tile_size: int = 256,
+                             overlap: int = 64, mpp: float | None = None, image_mpp: float | None = None,
+                             simplify: float = 0.5) -> SegmentTransform:
+    """The factory a :func:`segment_spec` names: options checked first, then the model loaded."""
+    from pipelines.segmenter import NucleiSegmenter
+
+    check_segment_options(tile_size, overlap, mpp, image_mpp, simplify)
+    segmenter = NucleiSegmenter.from_pretrained(checkpoint, device=resolve_device(device), tta=tta)
+    return SegmentTransform(segmenter, tile_size=tile_size, overlap=overlap, mpp=mpp, image_mpp=image_mpp,
+                            simplify=simplify, checkpoint=str(checkpoint))
+
+
+def segment_spec(checkpoint: str | Path, *, device: str | None = "auto", tta: bool = False, tile_size: int = 256,
+                 overlap: int = 64, mpp: float | None = None, image_mpp: float | None = None,
+                 simplify: float = 0.5, batch_size: int = 4) -> Any:
+    """What a worker needs to build the segmenter (:class:`studio.jobs.TransformSpec`): the
+    checkpoint folder (absolute) and the options, checked here, before anything loads."""
+    from studio.jobs import TransformSpec
+
+    check_segment_options(tile_size, overlap, mpp, image_mpp, simplify, batch_size)
+    return TransformSpec("pipelines.segment_job:create_segment_transform",
+                         {"checkpoint": str(Path(checkpoint).absolute()), "device": device, "tta": bool(tta),
+                          "tile_size": tile_size, "overlap": overlap, "mpp": mpp, "image_mpp": image_mpp,
+                          "simplify": simplify})
+
+
+# --------------------------------------------------------------------------- the library call
+class _EventReporter:
+    """The runner's progress callbacks as :func:`segment_inputs`' event dicts."""
+
+    def __init__(self, progress: Progress | None, units: Sequence[Any]):
+        self.progress = progress
+        self.index = {u.id: i for i, u in enumerate(units)}
+        self.count = len(units)
+        self.started: set[str] = set()
+        self.windows: dict[str, list[int]] = {}
+
+    def _emit(self, event: str, unit: Any, **values: Any) -> None:
+        if self.progress is not None:
+            self.progress({"event": event, "input": unit.id, **values})
+
+    def _start(self, unit: Any) -> None:
+        if unit.id not in self.started:
+            self.started.add(unit.id)
+            self._emit("start", unit, kind=unit.kind, index=self.index.get(unit.id, 0), count=self.count)
+
+    def unit_started(self, unit: Any, total: int) -> None:
+        self._start(unit)
+        self.windows[unit.id] = [0, total]
+        self._emit("windows", unit, done=0, total=total)
+
+    def unit_advanced(self, unit: Any, n: int) -> None:
+        state = self.windows.setdefault(unit.id, [0, 0])
+        state[0] += n
+        self._emit("windows", unit, done=state[0], total=state[1])
+
+    def unit_finished(self, unit: Any, result: dict[str, Any]) -> None:
+        self._start(unit)
+        if result.get("status") == "done":
+            self._emit("done", unit, n_nuclei=result.get("n_nuclei"), seconds=result.get("seconds"))
+        else:
+            self._emit("failed", unit, error=result.get("error"))
+
+
+def run_segment(
+    inputs: Sequence[str | Path],
+    out: str | Path,
+    transform: Any,
+    *,
+    batch_size: int = 4,
+    resume: bool = False,
+    overwrite: bool = False,
+    executor: str = "local",
+    scheduler: str | None = None,
+    progress: Progress | None = None,
+) -> tuple[list[tuple[str, Path]], Any]:
+    """Segment every input through the slide-job runner; what ``histostudio segment`` runs.
+
+    Args:
+        inputs: image files, folders, glob patterns and slides.
+        out: output folder. One that holds an earlier run (``manifest.json``) is refused
+            unless ``resume`` (skip what it finished) or ``overwrite`` (remove its outputs).
+        transform: a :class:`SegmentTransform`, or :func:`segment_spec` (what Dask workers need).
+        batch_size: windows per forward pass.
+        executor, scheduler: ``"local"``, or ``"dask"`` with a scheduler address.
+        progress: event callback, see :func:`segment_inputs`.
+
+    Returns:
+        ``(label, path)`` of every output of the units done now or earlier (``summary.csv``
+        last), and the runner's :class:`~studio.jobs.JobReport`.
+    """
+    from studio.jobs import JobOptions, run_job
+
+    units = segment_units(inputs, out)
+    report = run_job(units, transform, out, JobOptions(batch_size=batch_size), command="segment", resume=resume,
+                     overwrite=overwrite and not resume, executor=executor, scheduler=scheduler,
+                     reporter=_EventReporter(progress, units))
+    labels = ("inst", "cls", "geojson", "json")
+    written: list[tuple[str, Path]] = []
+    for unit in units:
+        if unit.id in report.done or unit.id in report.skipped:
+            kinds = labels if unit.kind != "slide" else ("geojson",)
+            written.extend((f"{unit.id} {k}", f) for k, f in zip(kinds, unit.output_files(), strict=True))
+    written.append(("summary", Path(out) / SUMMARY))
+    return written, report
+
+
 def segment_inputs(
     inputs: Sequence[str | Path],
     out: str | Path,
@@ -229,26 +552,25 @@ def segment_inputs(
     simplify: float = 0.5,
     progress: Progress | None = None,
     errors: list[tuple[str, str]] | None = None,
+    resume: bool = False,
+    overwrite: bool = True,
 ) -> list[tuple[str, Path]]:
-    """Segment every input and write its outputs (see the module docstring).
+    """Segment every input with an already-loaded segmenter, through the slide-job runner.
 
     Args:
         inputs: image files, folders, glob patterns and slides.
         out: output folder (created).
         segmenter: a :class:`~pipelines.segmenter.NucleiSegmenter`.
-        tile_size, overlap: sliding-window side and overlap in pixels.
+        tile_size, overlap, mpp, image_mpp, simplify: see :class:`SegmentTransform`.
         batch_size: windows per forward pass.
-        image_mpp: microns per pixel of plain images when it differs from the model's; they are
-            resampled to the model's resolution and the maps returned on the image's grid.
-        mpp: working resolution for slides (microns per pixel); None = the segmenter's.
-            Images are always segmented at their own pixel size; for them ``mpp`` is only
-            recorded (summary, and ``mag = 10 / mpp`` in the HoVer-Net JSON).
-        simplify: GeoJSON outline simplification tolerance in pixels.
         progress: called with event dicts: ``{"event": "start", "input", "kind", "index",
             "count"}``, ``{"event": "windows", "input", "done", "total"}``,
             ``{"event": "done", "input", "n_nuclei", "seconds"}``,
             ``{"event": "failed", "input", "error"}``.
         errors: when given, ``(input name, error message)`` of each failed input is appended.
+        resume, overwrite: as for :func:`studio.jobs.run_job`. This library call replaces an
+            earlier run in ``out`` by default (``overwrite=True``); the ``segment`` command
+            refuses to unless told.
 
     Returns:
         ``(label, path)`` of every file written, ``summary.csv`` last (labelled "summary").
@@ -257,52 +579,11 @@ def segment_inputs(
     Raises:
         InputError: bad options or inputs (before anything is written).
     """
-    if not isinstance(tile_size, int) or tile_size < 32:
-        raise InputError("--tile-size", f"{tile_size!r}; use at least 32 pixels")
-    if not isinstance(overlap, int) or not 0 <= overlap <= tile_size // 2:
-        raise InputError("--overlap", f"{overlap!r}; use 0 to half the tile size ({tile_size // 2})")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise InputError("--batch-size", f"{batch_size!r}; must be a positive integer")
-    if mpp is not None and not (isinstance(mpp, (int, float)) and 0 < mpp < 100):
-        raise InputError("--mpp", f"{mpp!r}; expected microns per pixel, e.g. 0.5")
-    if simplify < 0:
-        raise InputError("--simplify", f"{simplify}; must be >= 0 pixels")
-    items = expand_segment_inputs(inputs)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    opts = {"tile_size": tile_size, "overlap": overlap, "batch_size": batch_size, "mpp": mpp, "simplify": simplify,
-            "image_mpp": image_mpp}
-    names = segmenter.class_names
-    rows: list[dict[str, Any]] = []
-    written: list[tuple[str, Path]] = []
-    summary = out / "summary.csv"
-
-    from studio.io import atomic_write_text
-
-    for index, item in enumerate(items):
-        def emit(event: str, _item: SegmentInput = item, **values: Any) -> None:
-            if progress is not None:
-                progress({"event": event, "input": _item.name, **values})
-
-        emit("start", kind=item.kind, index=index, count=len(items))
-        start = time.time()
-        base = {"name": item.name, "input": str(item.path), "kind": item.kind}
-        try:
-            worker = _segment_slide if item.kind == "slide" else _segment_image
-            row, files = worker(item, out, segmenter, opts, emit)
-        except (HistostudioError, OSError, ValueError, RuntimeError) as exc:
-            message = str(exc) if isinstance(exc, HistostudioError) else f"{type(exc).__name__}: {exc}"
-            if not isinstance(exc, HistostudioError):
-                message += " | " + traceback.format_exc(limit=2).strip().splitlines()[-1]
-            rows.append({**base, "status": "failed", "seconds": round(time.time() - start, 2), "error": message})
-            if errors is not None:
-                errors.append((item.name, message))
-            emit("failed", error=message)
-        else:
-            seconds = round(time.time() - start, 2)
-            rows.append({**base, **row, "status": "done", "seconds": seconds})
-            written.extend(files)
-            emit("done", n_nuclei=row["n_nuclei"], seconds=seconds)
-        atomic_write_text(summary, _summary_text(rows, names))
-    written.append(("summary", summary))
+    check_segment_options(tile_size, overlap, mpp, image_mpp, simplify, batch_size)
+    transform = SegmentTransform(segmenter, tile_size=tile_size, overlap=overlap, mpp=mpp, image_mpp=image_mpp,
+                                 simplify=simplify)
+    written, report = run_segment(inputs, out, transform, batch_size=batch_size, resume=resume, overwrite=overwrite,
+                                  progress=progress)
+    if errors is not None:
+        errors.extend(report.failed.items())
     return written

@@ -42,8 +42,12 @@ app.add_typer(generate_app, name="generate")
 
 # --------------------------------------------------------------------------- info
 @app.command()
-def info() -> None:
-    """Print versions, compute device (CPU/CUDA, xformers), checkpoints and sample data."""
+def info(
+    models_dir: Annotated[Path | None, typer.Option(help="Folder of downloaded published models (PixCell, "
+                                                         "UNI-2h, SD3.5 VAE); default $HISTOSTUDIO_MODELS.")
+                          ] = None,
+) -> None:
+    """Print versions, compute device (CPU/CUDA, xformers), checkpoints, published models and sample data."""
     from studio import __version__
     from studio.data.samples import SAMPLES
     from studio.info import (
@@ -53,6 +57,7 @@ def info() -> None:
         list_checkpoints,
         package_version,
         platform_summary,
+        published_models,
     )
 
     plat = platform_summary()
@@ -84,6 +89,21 @@ def info() -> None:
     if not ckpts:
         table.add_row("[dim]none yet[/]", "", "")
     console.print(table)
+
+    root, published = published_models(models_dir)
+    if root is None:
+        console.print("[bold]published models[/]: [dim]no models folder (set HISTOSTUDIO_MODELS or pass "
+                      "--models-dir)[/]")
+    else:
+        pub = Table(title=f"published models in {root}", header_style="bold")
+        for col in ("name", "kind", "detail", "status", "size (MB)", "source"):
+            pub.add_column(col)
+        for m in published:
+            status = m.status if m.ready else f"[yellow]{m.status}[/]"
+            pub.add_row(m.name, m.kind, m.detail, status, f"{m.size_mb:.1f}", m.source)
+        if not published:
+            pub.add_row("[dim]none found[/]", "", "", "", "", "")
+        console.print(pub)
 
     samples = Table(title="real sample data", header_style="bold")
     for col in ("name", "kind", "available", "source", "licence"):
@@ -230,6 +250,20 @@ def demo(
 
 
 # --------------------------------------------------------------------------- normalize
+def _finish_job(report) -> None:
+    """The end of every slide job: skipped units, notes, manifest, one summary line; exit 1 on failures."""
+    if report.skipped:
+        console.print(f"skipped {len(report.skipped)} finished unit(s) (--resume): {', '.join(report.skipped)}")
+    for note in report.notes:
+        console.print(f"[yellow]note[/] {note}", soft_wrap=True)
+    console.print(f"wrote manifest: {report.manifest}")
+    console.print(f"[bold]{report.summary()}[/]")
+    if not report.ok:
+        for line in report.failure_lines():
+            err_console.print(f"[red]failed[/] {line}", soft_wrap=True)
+        raise typer.Exit(1)
+
+
 @app.command()
 def normalize(
     inputs: Annotated[list[str], typer.Argument(help="Slides, images, folders of tiles, globs or a CSV manifest "
@@ -281,14 +315,7 @@ def normalize(
     with RichReporter(console, len(units)) as reporter:
         report = run_job(units, transform, out, opts, resume=resume, overwrite=overwrite, executor=executor,
                          scheduler=scheduler, reporter=reporter)
-    if report.skipped:
-        console.print(f"skipped {len(report.skipped)} finished unit(s) (--resume): {', '.join(report.skipped)}")
-    console.print(f"wrote manifest: {report.manifest}")
-    console.print(f"[bold]{len(report.done)} done, {len(report.failed)} failed[/]")
-    if not report.ok:
-        for unit_id, error in report.failed.items():
-            err_console.print(f"[red]failed[/] {unit_id}: {error}")
-        raise typer.Exit(1)
+    _finish_job(report)
 
 
 # --------------------------------------------------------------------------- segment
@@ -313,37 +340,26 @@ def translate(
     resume: Annotated[bool, typer.Option("--resume", help="Skip units a previous run finished.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo everything in an existing output folder.")
                          ] = False,
+    executor: Annotated[str, typer.Option(help="local, or dask (one task per slide or tile folder).")] = "local",
+    scheduler: Annotated[str | None, typer.Option(help="dask scheduler address for --executor dask.")] = None,
 ) -> None:
     """Virtual IHC: translate H&E tiles, folders and whole slides into an IHC stain, with a DAB read-out."""
-    from pipelines.virtual_ihc import VirtualIHCPipeline, VirtualIHCTransform, load_virtual_ihc
-    from studio.data.ihc_pairs import check_stain
-    from studio.info import checkpoints_dir
+    from pipelines.translate_job import translate_spec
     from studio.jobs import JobOptions, expand_inputs, run_job
+    from studio.progress import RichReporter
 
-    stain = check_stain(stain)
-    pipe = (VirtualIHCPipeline.from_pretrained(checkpoint).to(device) if checkpoint
-            else load_virtual_ihc(stain, checkpoints_dir(), device))
-    if pipe.config.stain != stain:
-        raise HistostudioError(f"{checkpoint} is a {pipe.config.stain} model, not {stain}")
-    transform = VirtualIHCTransform(pipe, model, steps=steps, seed=seed, halo=halo,
-                                    checkpoint=str(checkpoint or checkpoints_dir() / f"virtual-ihc-{stain}"))
+    spec = translate_spec(stain, checkpoint, model=model, steps=steps, seed=seed, halo=halo, device=device)
     units = expand_inputs(inputs, out)
     opts = JobOptions(fit="slide", tile_size=tile_size, mpp=mpp, compression="jpeg", quality=90, seed=seed,
                       batch_size=batch_size)
-    console.print(f"translating {len(units)} unit(s) to virtual [bold]{stain}[/] ({model}) -> {out}/")
-    from studio.progress import RichReporter
-
+    opts.validate()
+    console.print(f"translating {len(units)} unit(s) to virtual [bold]{spec.kwargs['stain']}[/] ({model}) -> {out}/")
     with RichReporter(console, len(units)) as reporter:
-        report = run_job(units, transform, out, opts, command="translate", resume=resume, overwrite=overwrite,
-                         reporter=reporter)
+        report = run_job(units, spec, out, opts, command="translate", resume=resume, overwrite=overwrite,
+                         executor=executor, scheduler=scheduler, reporter=reporter)
     readout = _write_dab_readout(units, report, out)
-    console.print(f"wrote manifest: {report.manifest}")
     console.print(f"wrote DAB read-out: {readout}")
-    console.print(f"[bold]{len(report.done)} done, {len(report.failed)} failed[/]")
-    for unit_id, error in report.failed.items():
-        err_console.print(f"[red]failed[/] {unit_id}: {error}")
-    if report.failed:
-        raise typer.Exit(1)
+    _finish_job(report)
 
 
 def _write_dab_readout(units, report, out: Path) -> Path:
@@ -388,16 +404,19 @@ def segment(
                                                    "(default: the segmenter's).")] = None,
     tta: Annotated[bool, typer.Option("--tta", help="Average predictions over flips (slower, steadier).")] = False,
     device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
+    resume: Annotated[bool, typer.Option("--resume", help="Skip inputs a previous run finished.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo everything in an existing output folder.")
+                         ] = False,
+    executor: Annotated[str, typer.Option(help="local, or dask (one task per image or slide).")] = "local",
+    scheduler: Annotated[str | None, typer.Option(help="dask scheduler address for --executor dask.")] = None,
 ) -> None:
     """Segment and classify nuclei (HoVer-Net-style) in tiles, folders and whole slides."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from pipelines.segment_job import segment_inputs
-    from pipelines.segmenter import NucleiSegmenter
+    from pipelines.segment_job import run_segment, segment_spec
 
-    segmenter = NucleiSegmenter.from_pretrained(checkpoint or _default_checkpoint("nuclei-segmenter"), device=device,
-                                                tta=tta)
-    errors: list[tuple[str, str]] = []
+    spec = segment_spec(checkpoint or _default_checkpoint("nuclei-segmenter"), device=device, tta=tta,
+                        tile_size=tile_size, overlap=overlap, mpp=mpp, image_mpp=image_mpp, batch_size=batch_size)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   console=console) as progress:
         task = progress.add_task("segmenting", total=None)
@@ -412,14 +431,11 @@ def segment(
                 console.print(f"[green]done[/] {event['input']}: {event['n_nuclei']} nuclei "
                               f"({event['seconds']:.1f} s)")
 
-        written = segment_inputs(inputs, out, segmenter, tile_size=tile_size, overlap=overlap, batch_size=batch_size,
-                                 mpp=mpp, image_mpp=image_mpp, progress=on_event, errors=errors)
+        written, report = run_segment(inputs, out, spec, batch_size=batch_size, resume=resume, overwrite=overwrite,
+                                      executor=executor, scheduler=scheduler, progress=on_event)
     for label, path in written:
         console.print(f"wrote {label}: {path}")
-    if errors:
-        for name, error in errors:
-            err_console.print(f"[red]failed[/] {name}: {error}")
-        raise typer.Exit(1)
+    _finish_job(report)
 
 
 @experiment_app.command("augment")
@@ -620,6 +636,24 @@ def generate_rare(
                   f"{', '.join(f'{k}: {v}' for k, v in info['written_counts'].items())} nuclei)")
     console.print(f"wrote provenance: {out / 'provenance.json'}")
     console.print(f"wrote preview: {out / 'preview.png'}")
+
+
+# --------------------------------------------------------------------------- convert
+@app.command()
+def convert(
+    checkpoint: Annotated[Path, typer.Argument(help="A torch .pth / .bin / .pt file holding a dict of tensors.",
+                                               show_default=False)],
+    out: Annotated[Path, typer.Option(help="Output .safetensors file (written atomically).")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")] = False,
+) -> None:
+    """Convert a published .pth/.bin checkpoint to .safetensors, unpickling tensors only (never objects)."""
+    from studio.convert import convert_checkpoint
+
+    done = convert_checkpoint(checkpoint, out, overwrite=overwrite)
+    nested = f" (from '{done.nested_under}')" if done.nested_under else ""
+    console.print(f"wrote {done.tensors} tensors{nested} to {done.path} ({done.bytes / 2**20:.1f} MB)")
+    if done.ignored:
+        console.print(f"skipped non-weight entries: {', '.join(done.ignored)}")
 
 
 def main() -> None:

@@ -87,5 +87,16 @@ def list_checkpoints(root: Path | None = None) -> list[CheckpointInfo]:
     return found
 
 
+def published_models(models_folder: str | Path | None = None):
+    """Published models (PixCell, UNI-2h, SD3.5 VAE) in ``models_folder`` or ``$HISTOSTUDIO_MODELS``.
+
+    Returns the folder searched (None when neither is set) and what was found there.
+    """
+    from studio.published import find_published, models_dir
+
+    root = models_dir(models_folder)
+    return root, find_published(root)
+
+
 def platform_summary() -> dict[str, str]:
     return {"python": platform.python_version(), "platform": platform.platform(terse=True)}

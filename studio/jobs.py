@@ -1,31 +1,63 @@
-"""The slide-batch runner behind ``histostudio normalize`` (and later ``translate``).
+"""The slide-batch runner behind ``histostudio normalize``, ``translate`` and ``segment``.
 
 A batch is a list of *units*, each with one manifest entry:
 
-* a **slide** (SVS, NDPI, pyramidal TIFF, ...) -> one tiled pyramidal TIFF;
+* a **slide** (SVS, NDPI, pyramidal TIFF, ...) -> one tiled pyramidal TIFF (or, for a
+  segmenter, its GeoJSON);
 * a **tile set**: plain images from one folder (or given loosely) -> images of the same
   name and format. A folder of tiles is one source, like a slide: its stain profile is
-  estimated once from sampled tiles, so its tiles stay mutually consistent.
+  estimated once from sampled tiles, so its tiles stay mutually consistent;
+* any other kind a unit processor defines (``segment``: one unit per image, with maps,
+  GeoJSON and HoVer-Net JSON).
 
-Per unit: sample tissue tiles -> ``transform.estimate`` (one source profile) -> stream
-every tile through ``transform.apply`` -> write atomically. A unit that fails is recorded
-with its error and the batch goes on; the manifest (``manifest.json`` in the output
-folder, rewritten atomically after every unit) makes ``--resume`` skip finished units and
-finished files. Units run locally one after another (each uses both cores) or as
-independent ``dask.distributed`` tasks, so a crashed worker loses at most its unit.
+The runner never knows what a unit's processing is: it hands each unit to a **unit
+processor** (:class:`UnitProcessor`: ``process_unit(unit, opts, reporter) -> entry``).
+A plain :class:`~studio.transforms.TileTransform` (stain normalizers, virtual IHC) is
+adapted by :class:`TileJob` (sample tissue -> ``estimate`` -> stream tiles through
+``apply`` -> write atomically); a segmenter is a processor of its own
+(:mod:`pipelines.segment_job`). A processor may also ``finalize`` the batch from the
+manifest (segment's ``summary.csv``), so a resumed run's summary stays true.
+
+Per unit, the runner keeps the manifest (``manifest.json`` in the output folder,
+rewritten atomically after every unit) and its guarantees: a unit that fails is
+recorded with its error and the batch goes on; ``--resume`` skips finished units (and a
+tile set's finished files) and first removes every temporary an interrupted run left
+(atomic-write ``.*.tmp`` files, pyramid spill folders ``.*.levels/``, write probes);
+a full disk stops the batch with one line, ``disk full: <path>``. Entries record what
+reading changed (``converted``: RGBA composited over white, 16-bit scaled to 8-bit; see
+:func:`image_conversion`) as one-line ``notes`` the CLI prints, and tile sets count their
+files written and failed. A transform that declares ``skip_blank`` (virtual IHC) never sees
+blank tiles (:func:`studio.slides.blank_tiles`): they pass through unchanged, counted.
+
+Units run locally one after another (each uses both cores) or as independent
+``dask.distributed`` tasks (:func:`_run_dask`). Workers never receive weights: a
+transform built from a :class:`TransformSpec` (an importable factory and JSON-able
+arguments: checkpoint paths, options) travels as that spec, and each worker process
+loads it once (:func:`load_transform` caches it). A worker lost while it holds a unit
+costs that unit one retry on another worker; a second loss records it as failed, and
+the entry's ``attempts`` says how many tries it took.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import errno
+import glob
+import importlib
 import json
 import os
+import re
+import shutil
+import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -37,22 +69,59 @@ from studio.transforms import TileTransform
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
+#: Hidden folder (in the output folder) where Dask tasks claim their attempts; removed after the run.
+ATTEMPTS_DIR = ".histostudio-attempts"
+#: Tries a unit gets when workers are lost while they hold it (the first run plus one retry).
+MAX_ATTEMPTS = 2
+#: Seconds to wait for a Dask scheduler to answer (``HISTOSTUDIO_DASK_TIMEOUT`` overrides it).
+DASK_CONNECT_TIMEOUT = 20.0
+_PROBE_PREFIX = ".histostudio-write-test-"
+
+
+class DiskFullError(OutputError):
+    """The disk filled up: every later unit would fail the same way, so the batch stops."""
+
+    def __init__(self, target: str | Path):
+        super().__init__(target, "disk full")
+        self.args = (f"disk full: {target} (free some space, then rerun with --resume)",)
+
+    def __str__(self) -> str:
+        return self.args[0]
 
 
 # --------------------------------------------------------------------------- units
 @dataclass(frozen=True)
 class Unit:
-    """One manifest entry: a slide, or a set of plain images treated as one source."""
+    """One manifest entry: a slide, a set of plain images treated as one source, or any
+    unit a processor defines (``files``: the outputs it must leave for it to count as done)."""
 
     id: str
-    kind: str  # "slide" | "tiles"
+    kind: str  # "slide" | "tiles" | a processor's own kind (segment: "image")
     inputs: tuple[str, ...]
     output: str  # slide: output file; tiles: output folder
+    files: tuple[str, ...] = ()
 
     def output_files(self) -> list[Path]:
+        if self.files:
+            return [Path(p) for p in self.files]
         if self.kind == "slide":
             return [Path(self.output)]
         return [Path(self.output) / Path(p).name for p in self.inputs]
+
+    @classmethod
+    def from_entry(cls, unit_id: str, entry: Mapping[str, Any]) -> Unit:
+        """The unit a manifest entry was made for (to find an earlier run's outputs)."""
+        files = entry.get("output_files")
+        return cls(unit_id, str(entry.get("kind", "")), tuple(entry.get("inputs") or ()),
+                   str(entry.get("output", "")), tuple(files) if isinstance(files, list) else ())
+
+    def absolute(self) -> Unit:
+        """The same unit with absolute paths (what a worker with another working folder needs)."""
+        def a(p: str) -> str:
+            return str(Path(p).absolute())
+
+        return dataclasses.replace(self, inputs=tuple(map(a, self.inputs)), output=a(self.output),
+                                   files=tuple(map(a, self.files)))
 
 
 def _is_image(path: Path) -> bool:
@@ -137,6 +206,10 @@ class JobOptions:
             d.pop(key)
         return d
 
+    def validate_execution(self) -> None:
+        if self.batch_size < 1 or self.workers < 1:
+            raise InputError("options", "batch size and workers must be positive")
+
     def validate(self) -> None:
         if self.fit not in ("slide", "tile"):
             raise InputError("--fit", f"{self.fit!r}; use 'slide' (one profile per slide/folder) or 'tile'")
@@ -144,8 +217,9 @@ class JobOptions:
             raise InputError("--tile-size", f"{self.tile_size}; use a multiple of 16, at least 64")
         if self.compression not in ("jpeg", "deflate", "none"):
             raise InputError("--compression", f"{self.compression!r}; use jpeg, deflate or none")
-        if self.batch_size < 1 or self.workers < 1 or self.fit_tiles < 1:
-            raise InputError("options", "batch size, workers and fit tiles must be positive")
+        if self.fit_tiles < 1:
+            raise InputError("options", "fit tiles must be positive")
+        self.validate_execution()
 
 
 class Reporter(Protocol):
@@ -165,6 +239,166 @@ class SilentReporter:
 
     def unit_finished(self, unit: Unit, result: dict[str, Any]) -> None:
         pass
+
+
+# --------------------------------------------------------------------------- processors
+@runtime_checkable
+class UnitProcessor(Protocol):
+    """What the runner needs from whatever processes its units.
+
+    Optional methods: ``validate(opts)`` (refuse options before any work; default
+    :meth:`JobOptions.validate`), ``recorded_options(opts)`` (the options recorded in the
+    manifest header; default :meth:`JobOptions.recorded`), and ``finalize(out, entries,
+    units) -> list[Path]`` (files aggregated from every manifest entry after the batch).
+    """
+
+    name: str
+
+    def describe(self) -> dict[str, Any]:
+        """Parameters, JSON-serialisable, recorded in the manifest (``--resume`` requires a match)."""
+
+    def process_unit(self, unit: Unit, opts: JobOptions, reporter: Reporter) -> dict[str, Any]:
+        """Write the unit's outputs (atomically) and return its manifest fields. Raise a
+        :class:`~studio.errors.HistostudioError` for a bad input (recorded, batch goes on)."""
+
+
+class PartialFailure(HistostudioError):
+    """Some of a unit's files were written, others failed: ``result`` keeps both counts."""
+
+    def __init__(self, result: dict[str, Any], message: str):
+        super().__init__(message)
+        self.result = result
+
+
+_PartialFailure = PartialFailure  # the name earlier code used
+
+
+@dataclass
+class TileJob:
+    """A :class:`~studio.transforms.TileTransform` as a unit processor: slides -> pyramidal
+    TIFF, tile sets -> images of the same names."""
+
+    transform: TileTransform
+
+    @property
+    def name(self) -> str:
+        return self.transform.name
+
+    def describe(self) -> dict[str, Any]:
+        return self.transform.describe()
+
+    def validate(self, opts: JobOptions) -> None:
+        opts.validate()
+
+    def recorded_options(self, opts: JobOptions) -> dict[str, Any]:
+        return opts.recorded()
+
+    def process_unit(self, unit: Unit, opts: JobOptions, reporter: Reporter) -> dict[str, Any]:
+        work = _process_slide if unit.kind == "slide" else _process_tiles
+        return work(unit, self.transform, opts, reporter)
+
+
+def as_processor(transform: Any) -> Any:
+    """The unit processor of ``transform``: itself when it processes units, else a :class:`TileJob`."""
+    if isinstance(transform, TransformSpec):
+        transform = load_transform(transform)
+    if callable(getattr(transform, "process_unit", None)):
+        return transform
+    return TileJob(transform)
+
+
+# --------------------------------------------------------------------------- specs
+@dataclass(frozen=True)
+class TransformSpec:
+    """How to build a transform: ``factory`` ("module:function") called with ``kwargs``.
+
+    This, not the loaded model, is what a Dask worker receives: checkpoint folders and
+    options, JSON-serialisable. Paths should be absolute (workers may run elsewhere).
+    """
+
+    factory: str
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def key(self) -> str:
+        return json.dumps({"factory": self.factory, "kwargs": dict(self.kwargs)}, sort_keys=True, default=str)
+
+    def load(self) -> Any:
+        return load_transform(self)
+
+    def build(self) -> Any:
+        """A fresh transform (no cache), with this spec attached as ``.spec``."""
+        module, _, name = self.factory.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as exc:
+            raise InputError(self.factory, f"cannot load this transform factory ({exc})") from exc
+        transform = factory(**dict(self.kwargs))
+        try:
+            transform.spec = self
+        except AttributeError:  # slots or frozen: the runner then pickles the object itself
+            pass
+        return transform
+
+
+_LOADED: OrderedDict[str, Any] = OrderedDict()
+_LOADED_LOCK = threading.Lock()
+#: Loaded transforms kept per process (a worker switching between models keeps the last two).
+CACHE_SIZE = 2
+
+
+def _fingerprint(value: Any) -> Any:
+    """Modification stamps of a path argument's files, so a checkpoint rewritten in place is reloaded."""
+    if not isinstance(value, (str, Path)) or not str(value) or len(str(value)) > 4096:
+        return None
+    path = Path(value)
+    try:
+        if path.is_file():
+            return [path.stat().st_mtime_ns, path.stat().st_size]
+        if path.is_dir():
+            return sorted((str(p.relative_to(path)), p.stat().st_mtime_ns, p.stat().st_size)
+                          for p in list(path.glob("*")) + list(path.glob("*/*")) if p.is_file())
+    except OSError:
+        return None
+    return None
+
+
+def load_transform(spec: TransformSpec) -> Any:
+    """Build ``spec`` once per process (the per-worker pipeline cache) and return it."""
+    stamps = {k: _fingerprint(v) for k, v in sorted(dict(spec.kwargs).items())}
+    key = spec.key() + json.dumps(stamps, default=str)
+    with _LOADED_LOCK:
+        if key in _LOADED:
+            _LOADED.move_to_end(key)
+            return _LOADED[key]
+        transform = spec.build()
+        _LOADED[key] = transform
+        while len(_LOADED) > CACHE_SIZE:
+            _LOADED.popitem(last=False)
+        return transform
+
+
+def spec_of(transform: Any) -> TransformSpec | None:
+    """The spec a transform was built from, if any."""
+    if isinstance(transform, TransformSpec):
+        return transform
+    for obj in (transform, getattr(transform, "transform", None)):
+        spec = getattr(obj, "spec", None)
+        if isinstance(spec, TransformSpec):
+            return spec
+    return None
+
+
+def _holds_weights(transform: Any) -> bool:
+    """Whether pickling ``transform`` would ship a model (what workers must never receive)."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return False
+    for value in getattr(transform, "__dict__", {}).values():
+        if isinstance(value, torch.nn.Module) or hasattr(value, "components") or \
+                hasattr(getattr(value, "model", None), "state_dict"):
+            return True
+    return False
 
 
 # --------------------------------------------------------------------------- manifest
@@ -193,28 +427,75 @@ class Manifest:
                                    f"move it away to start afresh") from exc
 
     def save(self) -> None:
-        atomic_write_text(self.path, json.dumps({"run": self.header, "units": self.units}, indent=2) + "\n")
+        try:
+            atomic_write_text(self.path, json.dumps({"run": self.header, "units": self.units}, indent=2) + "\n")
+        except OSError as exc:
+            full = _disk_full(exc, self.path)
+            if full:
+                raise DiskFullError(full) from exc
+            raise
 
     def done(self, unit: Unit) -> bool:
         entry = self.units.get(unit.id)
         return bool(entry) and entry.get("status") == "done" and all(p.exists() for p in unit.output_files())
 
 
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")  # numpy's tofile on a full disk (no errno)
+
+
+def _disk_full(exc: BaseException, default: str | Path) -> str | None:
+    """The path a full disk refused, when ``exc`` (or what caused it) says the disk is full."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    target = None
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OutputError) and target is None:
+            target = e.target
+        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or _SHORT_WRITE.search(str(e)) or \
+                "disk full" in str(e):
+            return str(target or getattr(e, "filename", None) or default)
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def _check_writable(out: Path) -> None:
+    """Create ``out`` and prove a file can be written there (the probe never stays behind)."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(out, "exists and is not a folder; give a folder for --out")
+    probe = out / f"{_PROBE_PREFIX}{os.getpid()}"
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".histostudio-write-test-{os.getpid()}"
         probe.write_bytes(b"ok")
-        probe.unlink()
     except OSError as exc:
+        if _disk_full(exc, out):
+            raise DiskFullError(out) from exc
         raise OutputError(out, f"output folder is not writable ({exc.strerror or exc})") from exc
+    finally:
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def _remove_stale_temporaries(out: Path) -> int:
-    """Temporary files an interrupted run left behind (atomic writes that never finished)."""
+    """Every temporary an interrupted run can leave behind in ``out``: atomic writes that
+    never finished (``.*.tmp``), pyramid spill folders (``.*.levels/``, see
+    :func:`studio.slides.write_pyramid`), write probes and Dask attempt claims."""
     n = 0
-    for tmp in out.rglob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
+    for tmp in list(out.rglob(".*.tmp")):
+        if tmp.is_file() or tmp.is_symlink():
+            tmp.unlink(missing_ok=True)
+            n += 1
+    for spill in list(out.rglob(".*.levels")):
+        if spill.is_dir() and not spill.is_symlink():
+            shutil.rmtree(spill, ignore_errors=True)
+            n += 1
+    for probe in list(out.glob(f"{_PROBE_PREFIX}*")):
+        probe.unlink(missing_ok=True)
+        n += 1
+    if (out / ATTEMPTS_DIR).is_dir():
+        shutil.rmtree(out / ATTEMPTS_DIR, ignore_errors=True)
         n += 1
     return n
 
@@ -250,6 +531,7 @@ def _process_slide(unit: Unit, transform: TileTransform, opts: JobOptions, repor
         reporter.unit_started(unit, len(grid.tiles))
 
         halo = int(getattr(transform, "halo", 0) or 0) if not transform.pixelwise else 0
+        blanks = [0]
 
         def normalized_tiles() -> Iterator[np.ndarray]:
             if halo:  # context-dependent transform: windows with a halo, seams cross-faded
@@ -259,7 +541,7 @@ def _process_slide(unit: Unit, transform: TileTransform, opts: JobOptions, repor
                 for n, tile in enumerate(blended_tiles(grid, lambda box: read_tile(slide, grid, box),
                                                        lambda windows, boxes: _apply_batch(
                                                            transform, windows, source,
-                                                           origins=[(b.y, b.x) for b in boxes]),
+                                                           origins=[(b.y, b.x) for b in boxes], blanks=blanks),
                                                        halo=min(halo, grid.tile_size // 2),
                                                        batch_size=opts.batch_size), start=1):
                     yield tile
@@ -267,7 +549,7 @@ def _process_slide(unit: Unit, transform: TileTransform, opts: JobOptions, repor
                         reporter.unit_advanced(unit, grid.cols if n % grid.cols == 0 else n % grid.cols)
                 return
             for batch, tiles in read_tiles(slide, grid, batch_size=opts.batch_size):
-                yield from _apply_batch(transform, batch, source)
+                yield from _apply_batch(transform, batch, source, blanks=blanks)
                 reporter.unit_advanced(unit, len(tiles))
 
         out_mpp = slide.mpp * grid.scale if slide.mpp else None
@@ -275,19 +557,38 @@ def _process_slide(unit: Unit, transform: TileTransform, opts: JobOptions, repor
                       mpp=out_mpp, compression=opts.compression, quality=opts.quality,
                       description=f"histostudio {__version__} {getattr(transform, 'command', 'normalize')} "
                                   f"{transform.name} of {path.name}")
-        return {"tiles": len(grid.tiles), "width": grid.width, "height": grid.height, "mpp": out_mpp,
-                "megapixels": grid.width * grid.height / 1e6, "profile": _record(source),
-                "fallback": bool(getattr(source, "fallback", False)), "halo": halo}
+        result = {"tiles": len(grid.tiles), "width": grid.width, "height": grid.height, "mpp": out_mpp,
+                  "megapixels": grid.width * grid.height / 1e6, "profile": _record(source),
+                  "fallback": bool(getattr(source, "fallback", False)), "halo": halo, "written": 1}
+        if getattr(transform, "skip_blank", False):
+            result["blank_tiles"] = blanks[0]
+        return result
 
 
 def _apply_batch(transform: TileTransform, batch: Sequence[np.ndarray], source: Any,
-                 origins: Sequence[tuple[int, int]] | None = None) -> list[np.ndarray]:
+                 origins: Sequence[tuple[int, int]] | None = None, blanks: list[int] | None = None
+                 ) -> list[np.ndarray]:
     """Apply to a list of tiles: same-shaped tiles are stacked into one call. Transforms that
-    declare ``positional = True`` also get each tile's (y, x) origin on the slide grid."""
+    declare ``positional = True`` also get each tile's (y, x) origin on the slide grid.
+
+    Transforms that declare ``skip_blank = True`` (virtual IHC) never see blank tiles --
+    glass, black, ink or featureless (:func:`studio.slides.blank_tiles`): those are passed
+    through unchanged, as a white tile would come out, and counted in ``blanks[0]``.
+    """
     out: list[np.ndarray | None] = [None] * len(batch)
     by_shape: dict[tuple[int, ...], list[int]] = {}
+    skip = bool(getattr(transform, "skip_blank", False))
+    if skip and batch:
+        from studio.slides import blank_tiles
+
+        for i, tile in enumerate(batch):
+            if blank_tiles(tile[None])[0]:
+                out[i] = tile
+        if blanks is not None:
+            blanks[0] += sum(o is not None for o in out)
     for i, tile in enumerate(batch):
-        by_shape.setdefault(tile.shape, []).append(i)
+        if out[i] is None:
+            by_shape.setdefault(tile.shape, []).append(i)
     for idx in by_shape.values():
         stack = np.stack([batch[i] for i in idx])
         if origins is not None and getattr(transform, "positional", False):
@@ -304,6 +605,50 @@ def _record(source: Any) -> dict[str, Any] | None:
     return to_dict() if callable(to_dict) else None
 
 
+# --------------------------------------------------------------------------- input notes
+def image_conversion(path: str | Path) -> str | None:
+    """What :func:`studio.io.read_image` changes to make ``path`` 8-bit RGB, from the file's
+    header: ``"RGBA composited over white"``, ``"16-bit scaled to 8-bit"`` (or both), or
+    None. Recorded in the manifest and printed as a note, since both change pixel values
+    a user may rely on (alpha masks, 16-bit dynamic range)."""
+    path = Path(path)
+    notes = []
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+
+            with tifffile.TiffFile(path) as tf:
+                page = tf.pages[0]
+                dtype, samples = np.dtype(page.dtype), int(page.samplesperpixel)
+            alpha = samples == 4
+            deep = "16-bit" if dtype.itemsize == 2 else ("floating-point" if dtype.kind == "f" else None)
+        else:
+            from PIL import Image
+
+            with Image.open(path) as img:
+                mode, info = img.mode, img.info
+            alpha = mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in info)
+            deep = "16-bit" if mode in ("I;16", "I;16B", "I;16L", "I") else None
+    except Exception:  # the reader proper reports unreadable files
+        return None
+    if alpha:
+        notes.append("RGBA composited over white")
+    if deep:
+        notes.append(f"{deep} scaled to 8-bit")
+    return " and ".join(notes) or None
+
+
+def conversions_note(converted: Mapping[str, str], total: int) -> str | None:
+    """One line for the conversions of a unit's files (``{file: conversion}``)."""
+    if not converted:
+        return None
+    kinds: dict[str, int] = {}
+    for what in converted.values():
+        kinds[what] = kinds.get(what, 0) + 1
+    parts = [f"{n} of {total} file(s) {what}" for what, n in kinds.items()] if total > 1 else list(kinds)
+    return "; ".join(parts)
+
+
 # --------------------------------------------------------------------------- tile sets
 def _write_like_input(src: Path, dst: Path, image: np.ndarray) -> None:
     write_image(dst, image, quality=95)
@@ -316,6 +661,7 @@ def _process_tiles(unit: Unit, transform: TileTransform, opts: JobOptions, repor
     reporter.unit_started(unit, len(inputs))
     reporter.unit_advanced(unit, len(inputs) - len(todo))
     failed: dict[str, str] = {}
+    converted: dict[str, str] = {}
     pool = ThreadPoolExecutor(max_workers=opts.workers)
 
     check = getattr(transform, "check", None)  # optional per-file input check (TileTransform)
@@ -330,6 +676,8 @@ def _process_tiles(unit: Unit, transform: TileTransform, opts: JobOptions, repor
             failed[path.name] = str(exc)
             return None
 
+    written = 0
+    blanks = [0]
     try:
         # One source profile for the whole set, from a seeded sample of its tiles.
         source = None
@@ -340,7 +688,7 @@ def _process_tiles(unit: Unit, transform: TileTransform, opts: JobOptions, repor
             reasons = list(failed.values())
             failed.clear()  # read errors are reported when the file itself is processed
             if not sample:
-                raise InputError(unit.inputs[0], "no usable image in this set to estimate a stain profile from"
+                raise InputError(unit.inputs[0], "no image of this set could be read or was accepted"
                                                  + (f" (e.g. {reasons[0]})" if reasons else ""))
             source = transform.estimate(sample)
         megapixels = 0.0
@@ -348,51 +696,86 @@ def _process_tiles(unit: Unit, transform: TileTransform, opts: JobOptions, repor
             chunk = todo[start:start + opts.batch_size]
             images = list(pool.map(safe_read, [src for src, _ in chunk]))
             good = [(c, im) for c, im in zip(chunk, images, strict=True) if im is not None]
-            results = _apply_batch(transform, [im for _, im in good], source) if good else []
+            for (src, _), _im in good:
+                what = image_conversion(src)
+                if what:
+                    converted[src.name] = what
+            results = _apply_batch(transform, [im for _, im in good], source, blanks=blanks) if good else []
             writes = [pool.submit(_write_like_input, src, dst, res) for ((src, dst), _), res in zip(good, results,
                                                                                                      strict=True)]
-            for w in writes:
-                w.result()
+            for ((src, dst), _), w in zip(good, writes, strict=True):
+                try:
+                    w.result()
+                    written += 1
+                except OSError as exc:  # this file could not be written: counted, the others go on
+                    if _disk_full(exc, dst):
+                        raise
+                    failed[src.name] = str(exc)
             megapixels += sum(im.shape[0] * im.shape[1] for _, im in good) / 1e6
             reporter.unit_advanced(unit, len(chunk))
     finally:
         pool.shutdown(wait=True)
-    result: dict[str, Any] = {"files": len(inputs), "written": len(todo) - len(failed),
+    result: dict[str, Any] = {"files": len(inputs), "written": written,
                               "skipped_existing": len(inputs) - len(todo), "megapixels": megapixels,
                               "profile": _record(source), "fallback": bool(getattr(source, "fallback", False))}
+    if getattr(transform, "skip_blank", False):
+        result["blank_files"] = blanks[0]
+    if converted:
+        result["converted"] = converted
+        result["notes"] = [conversions_note(converted, len(inputs))]
     if failed:
         result["failed_files"] = failed
-        raise _PartialFailure(result, f"{len(failed)} of {len(inputs)} images could not be read or were refused")
+        first = next(iter(failed.items()))
+        raise PartialFailure(result, f"{len(failed)} of {len(inputs)} images failed and {written} were written "
+                                     f"(first failure: {first[1]})")
     return result
 
 
-class _PartialFailure(HistostudioError):
-    def __init__(self, result: dict[str, Any], message: str):
-        super().__init__(message)
-        self.result = result
-
-
 # --------------------------------------------------------------------------- running
-def process_unit(unit: Unit, transform: TileTransform, opts: JobOptions,
-                 reporter: Reporter | None = None) -> dict[str, Any]:
-    """Run one unit and return its manifest entry; never raises for a bad input."""
+def _base_entry(unit: Unit) -> dict[str, Any]:
+    entry: dict[str, Any] = {"kind": unit.kind, "inputs": list(unit.inputs), "output": unit.output}
+    if unit.files:
+        entry["output_files"] = list(unit.files)
+    return entry
+
+
+def _discard(files: Sequence[Path]) -> None:
+    for f in files:
+        try:
+            f.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+def process_unit(unit: Unit, transform: Any, opts: JobOptions, reporter: Reporter | None = None) -> dict[str, Any]:
+    """Run one unit and return its manifest entry; never raises for a bad input.
+
+    ``transform``: a unit processor, a tile transform or a :class:`TransformSpec`. A unit
+    that declares its files (``Unit.files``, e.g. segment's maps and GeoJSON) counts only
+    whole: when it fails, none of its files is left behind.
+    """
     reporter = reporter or SilentReporter()
     start = time.perf_counter()
-    entry: dict[str, Any] = {"kind": unit.kind, "inputs": list(unit.inputs), "output": unit.output}
+    entry = _base_entry(unit)
     try:
-        work = _process_slide if unit.kind == "slide" else _process_tiles
-        entry.update(work(unit, transform, opts, reporter))
+        entry.update(as_processor(transform).process_unit(unit, opts, reporter))
         entry["status"] = "done"
-    except _PartialFailure as exc:
+    except PartialFailure as exc:
         entry.update(exc.result)
         entry.update(status="failed", error=str(exc))
-    except HistostudioError as exc:
-        entry.update(status="failed", error=str(exc))
     except Exception as exc:  # a bad slide must not stop the batch; keep the evidence
-        entry.update(status="failed", error=f"{type(exc).__name__}: {exc}",
-                     traceback=traceback.format_exc(limit=6))
+        full = _disk_full(exc, unit.output)
+        if full:
+            entry.update(status="failed", error=str(DiskFullError(full)), disk_full=full)
+        elif isinstance(exc, HistostudioError):
+            entry.update(status="failed", error=str(exc))
+        else:
+            entry.update(status="failed", error=f"{type(exc).__name__}: {exc}",
+                         traceback=traceback.format_exc(limit=6))
+    if entry["status"] != "done" and unit.files:
+        _discard(unit.output_files())
     entry["seconds"] = round(time.perf_counter() - start, 3)
-    if entry.get("megapixels"):
+    if entry.get("megapixels") and entry["status"] == "done":
         entry["megapixels_per_second"] = round(entry["megapixels"] / max(entry["seconds"], 1e-9), 2)
     return entry
 
@@ -404,15 +787,53 @@ class JobReport:
     done: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
+    #: Files written / failed across the units run now (tile sets count their images).
+    files_written: int = 0
+    files_failed: int = 0
+    #: Per unit run now: (files written, files failed).
+    unit_files: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: Units that needed a retry after a lost worker: id -> attempts.
+    retried: dict[str, int] = field(default_factory=dict)
+    #: One line per unit whose inputs were changed on reading (RGBA, 16-bit) or were blank.
+    notes: list[str] = field(default_factory=list)
+    #: Files the processor aggregated at the end (e.g. segment's summary.csv).
+    outputs: list[Path] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return not self.failed
 
+    def summary(self) -> str:
+        """One line: units done and failed, and the files behind them."""
+        text = f"{len(self.done)} done, {len(self.failed)} failed"
+        if self.files_written or self.files_failed:
+            text += f" (input files: {self.files_written} written, {self.files_failed} failed)"
+        if self.retried:
+            text += f"; retried after a lost worker: {', '.join(f'{k} ({v} tries)' for k, v in self.retried.items())}"
+        return text
+
+    def failure_lines(self) -> list[str]:
+        """One line per failed unit: its error, and for tile sets what was written and what failed."""
+        lines = []
+        for unit_id, error in self.failed.items():
+            written, failed = self.unit_files.get(unit_id, (0, 0))
+            counts = f" [input files: {written} written, {failed} failed]" if written or failed > 1 else ""
+            lines.append(f"{unit_id}: {error}{counts}")
+        return lines
+
+
+def _entry_files(entry: Mapping[str, Any]) -> tuple[int, int]:
+    """(input files processed and written, input files that failed) of one entry."""
+    if "written" in entry:
+        return int(entry["written"] or 0), len(entry.get("failed_files") or {})
+    if entry.get("kind") == "tiles" and entry.get("status") != "done":
+        return 0, len(entry.get("inputs") or ())
+    return (1, 0) if entry.get("status") == "done" else (0, 1)
+
 
 def run_job(
     units: Sequence[Unit],
-    transform: TileTransform,
+    transform: Any,
     out: str | Path,
     opts: JobOptions,
     *,
@@ -424,13 +845,47 @@ def run_job(
     reporter: Reporter | None = None,
     on_unit_done: Callable[[Unit, dict[str, Any]], None] | None = None,
 ) -> JobReport:
-    """Run every unit, keeping the manifest current; see the module docstring."""
-    opts.validate()
+    """Run every unit, keeping the manifest current; see the module docstring.
+
+    ``transform``: a tile transform, a unit processor, or a :class:`TransformSpec` (what
+    Dask workers then receive). Before anything is written: the options are validated,
+    ``out`` must be a folder (or not exist), and with ``executor="dask"`` the scheduler
+    must answer and its workers run this histostudio.
+    """
+    if executor not in ("local", "dask"):
+        raise InputError("--executor", f"{executor!r}; use local or dask")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(out, "exists and is not a folder; give a folder for --out")
+    processor = as_processor(transform)
+    validate = getattr(processor, "validate", None)
+    if callable(validate):
+        validate(opts)
+    else:
+        opts.validate()
+    client = None
+    if executor == "dask":
+        wire = spec_of(transform) or transform
+        _refuse_weights(wire)
+        client = _connect(scheduler)
+    try:
+        if client is not None:
+            _check_workers(client, str(scheduler))
+        return _run(units, processor, out, opts, command=command, resume=resume, overwrite=overwrite,
+                    reporter=reporter or SilentReporter(), on_unit_done=on_unit_done,
+                    dask=(client, wire) if client is not None else None)
+    finally:
+        if client is not None:
+            client.close()
+
+
+def _run(units: Sequence[Unit], processor: Any, out: Path, opts: JobOptions, *, command: str, resume: bool,
+         overwrite: bool, reporter: Reporter, on_unit_done: Callable[[Unit, dict[str, Any]], None] | None,
+         dask: tuple[Any, Any] | None) -> JobReport:
     _check_writable(out)
-    reporter = reporter or SilentReporter()
-    header = {"histostudio": __version__, "command": command, "method": transform.name,
-              "transform": transform.describe(), "options": opts.recorded()}
+    recorded = getattr(processor, "recorded_options", None)
+    header = {"histostudio": __version__, "command": command, "method": processor.name,
+              "transform": processor.describe(), "options": recorded(opts) if callable(recorded) else opts.recorded()}
     existing = Manifest.load(out)
     if existing is not None and not overwrite:
         if not resume:
@@ -446,9 +901,8 @@ def run_job(
     else:
         manifest = Manifest(out, header)
         if overwrite:
-            for unit in units:
-                for f in unit.output_files():
-                    f.unlink(missing_ok=True)
+            earlier = [Unit.from_entry(k, v) for k, v in (existing.units.items() if existing else ())]
+            _remove_outputs([*units, *earlier], out)
     _remove_stale_temporaries(out)
     report = JobReport(out=out, manifest=manifest.path)
     todo = []
@@ -462,49 +916,207 @@ def run_job(
     def finish(unit: Unit, entry: dict[str, Any]) -> None:
         manifest.units[unit.id] = entry
         manifest.save()
+        if entry.get("disk_full"):
+            raise DiskFullError(entry["disk_full"])
         if entry["status"] == "done":
             report.done.append(unit.id)
         else:
             report.failed[unit.id] = entry.get("error", "failed")
+        written, failed = _entry_files(entry)
+        report.files_written += written
+        report.files_failed += failed
+        report.unit_files[unit.id] = (written, failed)
+        report.notes.extend(f"{unit.id}: {note}" for note in entry.get("notes") or ())
+        if int(entry.get("attempts", 1)) > 1:
+            report.retried[unit.id] = int(entry["attempts"])
         reporter.unit_finished(unit, entry)
         if on_unit_done:
             on_unit_done(unit, entry)
 
-    if executor == "local":
+    if dask is None:
         for unit in todo:
-            finish(unit, process_unit(unit, transform, opts, reporter))
-    elif executor == "dask":
-        _run_dask(todo, transform, opts, scheduler, finish)
+            entry = process_unit(unit, processor, opts, reporter)
+            entry["attempts"] = 1
+            finish(unit, entry)
     else:
-        raise InputError("--executor", f"{executor!r}; use local or dask")
+        _run_dask(todo, dask[1], opts, dask[0], out, finish)
+    finalize = getattr(processor, "finalize", None)
+    if callable(finalize):
+        try:
+            report.outputs = list(finalize(out, manifest.units, units))
+        except OSError as exc:
+            full = _disk_full(exc, out)
+            if full:
+                raise DiskFullError(full) from exc
+            raise
     return report
 
 
-def _run_dask(units: Sequence[Unit], transform: TileTransform, opts: JobOptions, scheduler: str | None,
-              finish: Callable[[Unit, dict[str, Any]], None]) -> None:
-    """Each unit is an independent dask.distributed task; results come back to this
-    process, which alone writes the manifest."""
+def _remove_outputs(units: Sequence[Unit], out: Path) -> None:
+    """``--overwrite``: the outputs of this run's units and of the run the folder held (inside ``out`` only)."""
+    root = out.resolve()
+    for unit in units:
+        for f in unit.output_files():
+            try:
+                inside = f.resolve().is_relative_to(root)
+            except OSError:
+                continue
+            if inside and f.is_file():
+                f.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- dask
+def _claim_attempt(folder: Path, unit_id: str) -> int:
+    """Number this start of a unit's task (1, 2, ...): a lost worker's unit is restarted by
+    the scheduler, and only the claims on the shared output folder tell how often."""
+    folder.mkdir(parents=True, exist_ok=True)
+    k = 1
+    while True:
+        try:
+            fd = os.open(folder / f"{unit_id}.{k}", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            k += 1
+            continue
+        os.close(fd)
+        return k
+
+
+def _attempts_made(folder: Path, unit_id: str) -> int:
+    return sum(1 for _ in folder.glob(f"{glob.escape(unit_id)}.*")) if folder.is_dir() else 0
+
+
+def _failed_entry(unit: Unit, error: str, attempts: int) -> dict[str, Any]:
+    return {**_base_entry(unit), "status": "failed", "error": error, "attempts": attempts}
+
+
+def dask_task(unit: Unit, transform: Any, opts: JobOptions, attempts_dir: str,
+              max_attempts: int = MAX_ATTEMPTS) -> dict[str, Any]:
+    """One unit on a Dask worker: claim the attempt, load the transform (cached per
+    process when it is a spec), process, return the manifest entry."""
+    attempt = _claim_attempt(Path(attempts_dir), unit.id)
+    if attempt > max_attempts:
+        return _failed_entry(unit, f"its worker was lost {max_attempts} times while processing it; not retried "
+                                   f"again", max_attempts)
     try:
-        from distributed import Client, as_completed
+        loaded = load_transform(transform) if isinstance(transform, TransformSpec) else transform
+    except HistostudioError as exc:
+        return _failed_entry(unit, f"the worker could not load the transform: {exc}", attempt)
+    entry = process_unit(unit, loaded, opts)
+    entry["attempts"] = attempt
+    try:
+        from distributed import get_worker
+
+        entry["worker"] = get_worker().address
+    except (ImportError, ValueError):
+        pass
+    return entry
+
+
+def _connect(scheduler: str | None) -> Any:
+    """A ``distributed.Client`` on ``scheduler``, or one line saying why not."""
+    try:
+        from distributed import Client
     except ImportError as exc:
         raise InputError("--executor dask", "needs the 'distributed' extra: pip install 'histostudio[distributed]'"
                          ) from exc
     if not scheduler:
         raise InputError("--scheduler", "is required with --executor dask (e.g. tcp://127.0.0.1:8786)")
+    import logging
+
+    quiet = [logging.getLogger(n) for n in ("distributed.client", "distributed.comm", "distributed.core")]
+    levels = [lg.level for lg in quiet]
+    for lg in quiet:  # a refused connection is reported here in one line, not as retries in the log
+        lg.setLevel(logging.CRITICAL)
     try:
-        client = Client(scheduler, timeout=20)
-    except (OSError, TimeoutError) as exc:
-        raise InputError(scheduler, f"cannot reach the dask scheduler ({exc})") from exc
+        timeout = float(os.environ.get("HISTOSTUDIO_DASK_TIMEOUT") or DASK_CONNECT_TIMEOUT)
+        return Client(scheduler, timeout=timeout)
+    except Exception as exc:  # OSError, TimeoutError, ValueError (bad address), CommClosedError, ...
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"--scheduler {scheduler}", f"cannot reach the dask scheduler ({reason[:200]}); start "
+                                                     f"one (dask scheduler) or check the address") from exc
+    finally:
+        for lg, level in zip(quiet, levels, strict=True):
+            lg.setLevel(level)
+
+
+def _check_workers(client: Any, scheduler: str) -> None:
+    """Every worker present must run this histostudio (a task it cannot import would fail on each)."""
+    import importlib.metadata
+
     try:
-        futures = {client.submit(process_unit, unit, transform, opts, pure=False, key=f"histostudio-{unit.id}"): unit
-                   for unit in units}
-        for future in as_completed(futures):
-            unit = futures[future]
+        versions = client.run(importlib.metadata.version, "histostudio", on_error="return")
+    except Exception:  # a scheduler refusing run() must not stop the batch
+        return
+    for worker, version in versions.items():
+        if isinstance(version, BaseException):
+            raise InputError(f"--scheduler {scheduler}", f"worker {worker} cannot import histostudio ({version}); "
+                                                         f"install it on every worker: pip install "
+                                                         f"'histostudio[distributed]'")
+        if version != __version__:
+            raise InputError(f"--scheduler {scheduler}", f"worker {worker} runs histostudio {version}, this "
+                                                         f"client {__version__}; install the same version on "
+                                                         f"every worker")
+
+
+def _refuse_weights(transform: Any) -> None:
+    if not isinstance(transform, TransformSpec) and _holds_weights(transform):
+        raise InputError("--executor dask", f"the {getattr(transform, 'name', 'given')} transform holds a model "
+                                            f"and has no TransformSpec; workers load models from checkpoint "
+                                            f"paths, never pickled weights (build it with TransformSpec)")
+
+
+def _run_dask(units: Sequence[Unit], transform: Any, opts: JobOptions, client: Any, out: Path,
+              finish: Callable[[Unit, dict[str, Any]], None]) -> None:
+    """Each unit is an independent dask.distributed task; results come back to this
+    process, which alone writes the manifest.
+
+    ``transform`` travels as its :class:`TransformSpec` when it has one (workers load and
+    cache it), otherwise pickled (only transforms without a model: :func:`_refuse_weights`).
+    A unit whose worker is lost is restarted once (by the scheduler, or resubmitted here
+    when the scheduler gives up on it with ``KilledWorker``); each start claims an attempt
+    in ``OUT/.histostudio-attempts``, so a third start refuses and the unit is recorded
+    failed, with ``attempts`` in its entry.
+    """
+    from distributed import as_completed
+
+    token = uuid.uuid4().hex[:8]
+    attempts_dir = out.absolute() / ATTEMPTS_DIR / token
+    futures: dict[Any, Unit] = {}
+    try:
+        submits: dict[str, int] = {}
+
+        def submit(unit: Unit) -> Any:
+            submits[unit.id] = submits.get(unit.id, 0) + 1
+            return client.submit(dask_task, unit.absolute(), transform, opts, str(attempts_dir), MAX_ATTEMPTS,
+                                 key=f"histostudio-{token}-{unit.id}-{submits[unit.id]}", pure=False)
+
+        for unit in units:
+            futures[submit(unit)] = unit
+        pending = as_completed(list(futures))
+        for future in pending:
+            unit = futures.pop(future)
             try:
                 entry = future.result()
-            except Exception as exc:  # the worker died: record and go on
-                entry = {"kind": unit.kind, "inputs": list(unit.inputs), "output": unit.output,
-                         "status": "failed", "error": f"worker failed: {type(exc).__name__}: {exc}"}
+            except Exception as exc:  # KilledWorker, a worker that cannot unpickle the task, ...
+                tries = _attempts_made(attempts_dir, unit.id)
+                if type(exc).__name__ == "KilledWorker" and tries < MAX_ATTEMPTS \
+                        and submits[unit.id] <= MAX_ATTEMPTS:
+                    again = submit(unit)
+                    futures[again] = unit
+                    pending.add(again)
+                    continue
+                kind = "worker lost" if type(exc).__name__ == "KilledWorker" else "worker failed"
+                first = (str(exc).strip().splitlines() or [""])[0]
+                entry = _failed_entry(unit, f"{kind}: {type(exc).__name__}: {first}", max(tries, 1))
+            finally:
+                future.release()
+            entry.update(_base_entry(unit))  # this process's paths, as the local executor records them
             finish(unit, entry)
     finally:
-        client.close()
+        for future in list(futures):  # the batch stopped (disk full): do not leave tasks running
+            future.cancel()
+        shutil.rmtree(attempts_dir, ignore_errors=True)
+        try:
+            attempts_dir.parent.rmdir()
+        except OSError:
+            pass

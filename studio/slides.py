@@ -551,6 +551,61 @@ def _remove_small(mask: np.ndarray, size: int, *, holes: bool) -> np.ndarray:
         return fn(mask, size + 1)
 
 
+def _pixel_rules(rgb: np.ndarray, min_od: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per pixel of uint8 ``(..., 3)``: (absorbs enough to be tissue, is an artefact: black
+    pen or green/blue ink); see :func:`tissue_mask` for the thresholds."""
+    import torch
+
+    from studio import color
+
+    rgb = np.ascontiguousarray(rgb)
+    if not rgb.flags.writeable:
+        rgb = rgb.copy()  # torch.from_numpy warns on read-only arrays
+    x = torch.from_numpy(rgb).movedim(-1, 0).float().div_(255.0)
+    od = color.rgb_to_od(x).numpy()
+    od_r, od_g, od_b = od
+    od_max = od.max(axis=0)
+    od_min = od.min(axis=0)
+    dark = (od_min >= _DARK_MIN_OD) & (od_min >= _DARK_GREYNESS * od_max)
+    green_ink = (od_max >= _INK_MIN_OD) & (od_g < _GREEN_INK_RATIO * np.minimum(od_r, od_b))
+    blue_ink = (od_r >= 1.0) & (od_b < _BLUE_INK_RATIO * od_r)
+    return od_max >= min_od, dark | green_ink | blue_ink
+
+
+#: A tile is blank when less than this share of its pixels is tissue (glass, black, ink) ...
+BLANK_MAX_TISSUE = 0.01
+#: ... or when its grey level changes by less than this per pixel on average (flat, or so far
+#: out of focus that no nucleus can be told; in-focus H&E tiles of the shipped samples: >= 7.5).
+BLANK_MAX_DETAIL = 1.0
+
+
+def blank_tiles(tiles: np.ndarray, *, min_od: float = 0.1) -> np.ndarray:
+    """Which uint8 tiles ``(B, H, W, 3)`` hold nothing to stain or segment: bool ``(B,)``.
+
+    Blank means glass, black (scanner dropout, black pen), ink, or featureless (a flat
+    colour, or far out of focus): fewer than :data:`BLANK_MAX_TISSUE` of the pixels pass
+    the tissue rule of :func:`tissue_mask` (before morphology), or a mean absolute grey
+    gradient below :data:`BLANK_MAX_DETAIL` grey levels per pixel. Translate passes such
+    tiles through unchanged and segment gives them empty maps, as a white tile gets.
+    """
+    tiles = np.asarray(tiles)
+    if tiles.ndim == 3:
+        tiles = tiles[None]
+    out = np.zeros(len(tiles), dtype=bool)
+    for i, tile in enumerate(tiles):
+        tissue, ink = _pixel_rules(tile, min_od)
+        if float((tissue & ~ink).mean()) < BLANK_MAX_TISSUE:
+            out[i] = True
+            continue
+        grey = tile.astype(np.float32).mean(axis=-1)
+        if min(grey.shape) < 2:
+            out[i] = True
+            continue
+        detail = (np.abs(np.diff(grey, axis=0)).mean() + np.abs(np.diff(grey, axis=1)).mean()) / 2
+        out[i] = bool(detail < BLANK_MAX_DETAIL)
+    return out
+
+
 def tissue_mask_from_rgb(rgb: np.ndarray, *, min_od: float = 0.1, pixel_um: float | None = None) -> np.ndarray:
     """Tissue mask of a (thumbnail) RGB image; see :func:`tissue_mask` for the rules.
 
@@ -560,11 +615,8 @@ def tissue_mask_from_rgb(rgb: np.ndarray, *, min_od: float = 0.1, pixel_um: floa
         pixel_um: microns per pixel of ``rgb``, to size the morphology physically; None
             uses sizes relative to the image.
     """
-    import torch
     from scipy import ndimage
     from skimage.morphology import disk
-
-    from studio import color
 
     rgb = np.ascontiguousarray(rgb)
     if not rgb.flags.writeable:
@@ -574,16 +626,7 @@ def tissue_mask_from_rgb(rgb: np.ndarray, *, min_od: float = 0.1, pixel_um: floa
     ink = np.zeros(rgb.shape[:2], dtype=bool)
     band = max(1, (1 << 20) // max(1, rgb.shape[1]))  # ~1 MPix of float OD at a time
     for y0 in range(0, h, band):
-        x = torch.from_numpy(rgb[y0:y0 + band]).permute(2, 0, 1).float().div_(255.0)
-        od = color.rgb_to_od(x).numpy()
-        od_r, od_g, od_b = od
-        od_max = od.max(axis=0)
-        tissue[y0:y0 + band] = od_max >= min_od
-        od_min = od.min(axis=0)
-        dark = (od_min >= _DARK_MIN_OD) & (od_min >= _DARK_GREYNESS * od_max)
-        green_ink = (od_max >= _INK_MIN_OD) & (od_g < _GREEN_INK_RATIO * np.minimum(od_r, od_b))
-        blue_ink = (od_r >= 1.0) & (od_b < _BLUE_INK_RATIO * od_r)
-        ink[y0:y0 + band] = dark | green_ink | blue_ink
+        tissue[y0:y0 + band], ink[y0:y0 + band] = _pixel_rules(rgb[y0:y0 + band], min_od)
     if ink.any():
         # pen strokes have soft, less saturated rims: exclude a small margin around them
         ink = ndimage.binary_dilation(ink, structure=disk(2))

@@ -132,4 +132,24 @@ def create_tile_transform(name: str, **kwargs: Any) -> TileTransform:
     if entry is None:
         raise InputError(name, f"unknown method; available: {', '.join(sorted(known))}")
     factory = entry.load() if isinstance(entry, importlib.metadata.EntryPoint) else entry
-    return factory(**kwargs)
+    transform = factory(**kwargs)
+    _attach_spec(transform, name, kwargs)
+    return transform
+
+
+def _attach_spec(transform: Any, name: str, kwargs: dict[str, Any]) -> None:
+    """Record how to rebuild ``transform`` (``.spec``, a :class:`studio.jobs.TransformSpec`):
+    what a Dask worker receives instead of the pickled transform and its weights. Paths
+    become absolute, since workers need not share this process's working folder."""
+    from studio.jobs import TransformSpec
+
+    def portable(value: Any) -> Any:
+        if isinstance(value, (str, Path)) and str(value) and Path(value).exists():
+            return str(Path(value).absolute())
+        return value
+
+    try:
+        transform.spec = TransformSpec("studio.transforms:create_tile_transform",
+                                       {"name": name, **{k: portable(v) for k, v in kwargs.items()}})
+    except AttributeError:  # a transform that takes no attributes is pickled as it is
+        pass

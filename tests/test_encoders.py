@@ -111,3 +111,31 @@ def test_bad_encoder_inputs_and_folders(builtin_folder, tmp_path):
         load_encoder(bad)
     with pytest.raises(WeightsError, match="no config.json"):
         load_encoder(tmp_path)
+
+
+def test_builtin_encoder_gives_a_finer_token_grid_from_overlapping_windows():
+    """One token per 32 px (issue 19): each token embeds the 64 px window centred on its
+    cell, so cells differ where the tissue does (not coarse tokens repeated), and a centre
+    cell's token equals that window embedded directly."""
+    from torch import nn
+
+    from pipelines.encoders import BuiltinEncoder, PatchEncoder
+
+    encoder = BuiltinEncoder(PatchEncoder(embed_dim=8, channels=(4, 4, 4, 4, 4)).eval(), identity="tiny")
+    identity = nn.Conv2d(3, 3, 1)
+    nn.init.eye_(identity.weight[:, :, 0, 0])
+    nn.init.zeros_(identity.bias)
+    encoder.model = nn.Sequential(identity, nn.AdaptiveAvgPool2d(1), nn.Flatten()).requires_grad_(False)
+    # a window's mean colour: easy to check
+    encoder.dim = 3
+    tile = torch.zeros(1, 3, 128, 128)
+    tile[..., 48:] = 1.0  # an edge inside the second coarse column's first half
+    fine = encoder.embed(tile, grid=(4, 4))
+    assert fine.shape == (1, 16, 3)
+    assert torch.allclose(fine[0, 5], tile[:, :, 16:80, 16:80].mean(dim=(2, 3))[0])  # window of cell (1, 1)
+    row = fine[0, :4, 0]
+    assert row[0] < row[1] < row[2] == row[3] == 1.0  # the edge is resolved at 32 px
+    coarse = encoder.embed(tile, grid=(2, 2))[0, :2, 0]
+    assert coarse[0] == tile[0, 0, :64, :64].mean() and coarse[1] == 1.0
+    with pytest.raises(InputError, match="divisor"):
+        encoder.patch_tokens(tile, stride=48)

@@ -1,4 +1,5 @@
-"""The normalize batch job: inputs, outputs, manifest, resume, bad slides, seams, dask."""
+"""The slide-batch runner: inputs, outputs, manifest, resume, bad slides, seams, the bad-input battery
+(Dask: tests/test_dask_jobs.py)."""
 
 from __future__ import annotations
 
@@ -202,19 +203,132 @@ def test_unwritable_output_is_a_clear_error(tile_folder, tmp_path):
         run_job(expand_inputs([tile_folder], blocker / "out"), macenko(), blocker / "out", JobOptions())
 
 
-# ------------------------------------------------------------------ dask
-def test_dask_executor_on_a_local_cluster(tile_folder, slide_file, tmp_path):
-    distributed = pytest.importorskip("distributed")
-    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None,
-                                  worker_class=distributed.Nanny) as cluster:
-        out = tmp_path / "out"
-        units = expand_inputs([tile_folder, slide_file], out)
-        report = run_job(units, macenko(), out, JobOptions(tile_size=256), executor="dask",
-                         scheduler=cluster.scheduler_address)
-    assert report.ok and sorted(report.done) == ["lab_a", "lab_b_slide"]
-    assert (out / "lab_b_slide.tif").exists() and len(list((out / "lab_a").iterdir())) == 10
-    # Same result as the local executor.
-    local = tmp_path / "local"
-    run_job(expand_inputs([tile_folder], local), macenko(), local, JobOptions(tile_size=256))
-    np.testing.assert_array_equal(read_image(out / "lab_a" / "tile_03.png"),
-                                  read_image(local / "lab_a" / "tile_03.png"))
+# ------------------------------------------------------------------ battery: cleanup, counts, notes
+SLOW_JOB = """
+import sys, time
+from studio.jobs import JobOptions, expand_inputs, run_job
+from studio.transforms import create_tile_transform
+
+
+class Slow:  # the reinhard transform, a tile at a time, slowly: a slide write to interrupt
+    def __init__(self, inner):
+        self.inner, self.name, self.pixelwise = inner, inner.name, True
+
+    def estimate(self, tiles):
+        return self.inner.estimate(tiles)
+
+    def apply(self, tiles, source):
+        time.sleep(0.25)
+        return self.inner.apply(tiles, source)
+
+    def describe(self):
+        return self.inner.describe()
+
+
+slide, out = sys.argv[1:3]
+run_job(expand_inputs([slide], out), Slow(create_tile_transform("reinhard", reference="tiatoolbox_target")), out,
+        JobOptions(tile_size=256, batch_size=1, fit="tile"))
+"""
+
+
+def test_resume_removes_what_a_kill_9_during_a_slide_write_left(slide_file, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_JOB, str(slide_file), str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    spill: list[Path] = []
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and proc.poll() is None and not spill:
+            spill = [p for p in out.glob(".lab_b_slide.tif.*.levels") if any(p.iterdir())]
+            time.sleep(0.02)
+        time.sleep(0.3)  # a tile or so into the pyramid
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert spill and spill[0].is_dir(), "the slide write was not caught"  # what a kill leaves behind
+    assert list(out.glob(".lab_b_slide.tif.*.tmp")) and not (out / "lab_b_slide.tif").exists()
+    report = run_job(expand_inputs([slide_file], out), create_tile_transform("reinhard", reference="tiatoolbox_target"),
+                     out, JobOptions(tile_size=256, fit="tile"), resume=True)
+    assert report.done == ["lab_b_slide"]
+    assert sorted(p.name for p in out.iterdir()) == ["lab_b_slide.tif", "manifest.json"]  # no spill, no tmp
+
+
+def test_a_tile_folder_reports_files_written_and_failed(tile_folder, tmp_path):
+    from typer.testing import CliRunner
+
+    from studio.cli import app
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for name in ("tile_00.png", "tile_01.png", "tile_02.png"):
+        (folder / name).write_bytes((tile_folder / name).read_bytes())
+    for k in range(4):
+        (folder / f"bad_{k}.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"junk" * k)
+    out = tmp_path / "out"
+    report = run_job(expand_inputs([folder], out), macenko(), out, JobOptions())
+    assert report.failed and report.unit_files == {"mixed": (3, 4)}
+    assert report.summary() == "0 done, 1 failed (input files: 3 written, 4 failed)"
+    assert "4 of 7 images failed and 3 were written" in report.failed["mixed"]
+    result = CliRunner().invoke(app, ["normalize", str(folder), "--out", str(tmp_path / "cli")])
+    assert result.exit_code == 1 and "input files: 3 written, 4 failed" in result.output
+    # --overwrite of a tile-set run (whose entry counts its files) redoes it cleanly
+    report = run_job(expand_inputs([folder], out), macenko(), out, JobOptions(), overwrite=True)
+    assert report.unit_files == {"mixed": (3, 4)}
+
+
+def test_rgba_and_16_bit_tiles_are_recorded_in_the_manifest_and_noted(tile_folder, tmp_path):
+    import tifffile
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from studio.cli import app
+
+    tile = read_image(tile_folder / "tile_04.png")
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    Image.fromarray(np.dstack([tile, np.full(tile.shape[:2], 128, np.uint8)]), "RGBA").save(folder / "alpha.png")
+    tifffile.imwrite(folder / "deep.tif", tile.astype(np.uint16) * 257, photometric="rgb")
+    write_image(folder / "plain.png", tile)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["normalize", str(folder), "--out", str(out), "--method", "reinhard"])
+    assert result.exit_code == 0, result.output
+    entry = Manifest.load(out).units["odd"]
+    assert entry["converted"] == {"alpha.png": "RGBA composited over white", "deep.tif": "16-bit scaled to 8-bit"}
+    note = [line for line in result.output.splitlines() if line.startswith("note odd:")]
+    assert len(note) == 1 and "1 of 3 file(s) RGBA composited over white" in note[0]
+    assert "1 of 3 file(s) 16-bit scaled to 8-bit" in note[0]
+
+
+def test_translate_passes_blank_tiles_through_and_names_unreadable_ones(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipelines.virtual_ihc import IHCGenerator, VirtualIHCPipeline
+    from studio.cli import app
+    from studio.dab import dab_readout
+
+    torch.manual_seed(0)
+    VirtualIHCPipeline(generator=IHCGenerator(widths=(8, 16)), stain="her2").save_pretrained(tmp_path / "vihc")
+    black = np.zeros((128, 128, 3), np.uint8)
+    tissue = np.ascontiguousarray(load_sample("hgsc_nest")[:128, :128])
+    write_image(tmp_path / "in" / "black.png", black)
+    write_image(tmp_path / "in" / "he.png", tissue)
+    out = tmp_path / "out"
+    args = ["--checkpoint", str(tmp_path / "vihc"), "--stain", "her2"]
+    result = CliRunner().invoke(app, ["translate", str(tmp_path / "in"), "--out", str(out), *args])
+    assert result.exit_code == 0, result.output
+    np.testing.assert_array_equal(read_image(out / "in" / "black.png"), black)  # nothing invented on black
+    assert dab_readout(read_image(out / "in" / "black.png"))["dab_positive_percent"] == 0
+    assert np.abs(read_image(out / "in" / "he.png").astype(int) - tissue).mean() > 1  # tissue is translated
+    assert Manifest.load(out).units["in"]["blank_files"] == 1
+    # a folder holding one unreadable tile: the error names it, and no stain profile
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "t.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    result = CliRunner().invoke(app, ["translate", str(tmp_path / "bad"), "--out", str(tmp_path / "o2"), *args])
+    assert result.exit_code == 1
+    error = Manifest.load(tmp_path / "o2").units["bad"]["error"]
+    assert "t.png" in error and "stain profile" not in error and "stain profile" not in result.output
