@@ -160,10 +160,38 @@ def load_hgsc_nest_labels() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return load_sample("hgsc_nest"), inst, classes
 
 
+#: Marker inks of :func:`pen_strokes`: RGB of each ink at full strength over white glass.
+PEN_INKS: dict[str, tuple[int, int, int]] = {"green": (40, 140, 70), "blue": (40, 60, 150)}
+
+
+def pen_strokes(tile: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``tile`` (uint8 ``(H, W, 3)``) crossed by a green and a blue marker stroke, as a pen on
+    the coverslip leaves them. The ink is translucent: its optical density (85 % and 80 %
+    of :data:`PEN_INKS`) adds to the tissue's (Beer-Lambert), so the tissue shows through.
+    The strokes are wavy, 6 and 5 px wide, with a 1 px soft rim.
+
+    Returns:
+        (the marked tile, bool ``(H, W)``: every pixel the ink touches).
+    """
+    h, w, _ = tile.shape
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    od = -np.log((tile.astype(np.float32) + 1.0) / 256.0)
+    touched = np.zeros((h, w), dtype=bool)
+    strokes = (("green", 0.30 * h + 18.0 * np.sin(xx / 37.0), 6.0, 0.85),
+               ("blue", 0.70 * h + 14.0 * np.cos(xx / 29.0 + 1.0), 5.0, 0.80))
+    for ink, centre, width, strength in strokes:
+        cover = np.clip(width / 2 + 1 - np.abs(yy - centre), 0.0, 1.0) * strength
+        od += cover[..., None] * -np.log((np.array(PEN_INKS[ink], np.float32) + 1.0) / 256.0)
+        touched |= cover > 0
+    marked = np.clip(np.exp(-od) * 256.0 - 1.0, 0, 255).round().astype(np.uint8)
+    return marked, touched
+
+
 def bad_tiles() -> dict[str, np.ndarray]:
     """The bad-input tile set tests and benchmarks share: white, black, near-empty glass,
-    a single-stain (eosin only) tile, a real tile crossed by blue marker, and a real tile
-    turned gray (RGB). Each 256x256 uint8."""
+    a single-stain (eosin only) tile, a real tile crossed by opaque blue marker, the same
+    tile crossed by translucent green and blue strokes (:func:`pen_strokes`), and a real
+    tile turned gray (RGB). Each 256x256 uint8."""
     real = np.ascontiguousarray(load_sample("hgsc_nest")[:256, :256])
     pen = real.copy()
     pen[60:120, :] = (20, 60, 170)  # blue marker stroke
@@ -179,5 +207,6 @@ def bad_tiles() -> dict[str, np.ndarray]:
         "near_empty": near_empty,
         "eosin_only": eosin_only,
         "pen": pen,
+        "pen_strokes": pen_strokes(real)[0],
         "gray_as_rgb": gray,
     }

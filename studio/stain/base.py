@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from studio.color import rgb_to_od
+from studio.color import channel_min, ink_regions, rgb_to_od
 from studio.errors import InputError
 from studio.io import to_tensor, to_uint8
 from studio.stain.lut import ColorLUT
@@ -48,6 +48,17 @@ def as_pixel_sets(images: ReferenceLike, device: torch.device | str | None = Non
             out.extend(as_pixel_sets(item, device))
         return out
     return [t.reshape(3, -1) for t in as_batch(images, device)]
+
+
+def as_batches(images: ReferenceLike, device: torch.device | str | None = None) -> list[torch.Tensor]:
+    """The forms of :func:`as_pixel_sets` as a list of ``(B, 3, H, W)`` batches (spatial
+    layout kept), in the same pixel order."""
+    if isinstance(images, (list, tuple)):
+        out: list[torch.Tensor] = []
+        for item in images:
+            out.extend(as_batches(item, device))
+        return out
+    return [as_batch(images, device)]
 
 
 def as_batch(images: torch.Tensor | np.ndarray, device: torch.device | str | None = None) -> torch.Tensor:
@@ -126,7 +137,10 @@ class StainNormalizer(ABC):
 
         ``pooled`` marks one estimate over a whole pool (a slide's sampled tiles, a
         reference): it adds the descriptive extras a saved profile carries (percentiles)
-        and skips guards that only make sense for single tiles."""
+        and skips guards that only make sense for single tiles.
+
+        Methods whose :meth:`_ink` returns a mask also take ``ignore=``: ``(B, N)`` bool,
+        the pixels to leave out of every statistic (already removed from ``mask``)."""
 
     @abstractmethod
     def _apply(self, tiles: torch.Tensor, source: Params, target: Params, od: torch.Tensor | None = None
@@ -141,6 +155,12 @@ class StainNormalizer(ABC):
     @abstractmethod
     def _profile_from_params(self, params: Params, index: int, tissue_pixels: int, source: str) -> StainProfile:
         """Profile of row ``index`` of ``params``."""
+
+    def _ink(self, tiles: torch.Tensor, od: torch.Tensor | None = None) -> torch.Tensor | None:
+        """``(B, H, W)`` bool: pixels of RGB tiles ``(B, 3, H, W)`` (optical density ``od``
+        when already computed) that no estimate may use (marker ink), or None when the
+        method keeps every pixel (the default)."""
+        return None
 
     def _hyperparams(self) -> dict[str, Any]:
         return {"background": self.background}
@@ -169,22 +189,33 @@ class StainNormalizer(ABC):
         """One profile pooled over the tissue pixels of all ``images`` (e.g. tiles sampled
         from a whole slide). Falls back (``profile.fallback``) to the target when the pool
         holds too little tissue or only one stain."""
-        sets = as_pixel_sets(images, self.device)
-        if not sets:
+        batches = as_batches(images, self.device)
+        if not batches or not sum(b.shape[0] for b in batches):
             raise InputError(source, "no images to estimate a stain profile from")
-        pixels = torch.cat(sets, dim=1)  # (3, M)
+        # (3, M) in tile order; ink is found per tile, where strokes are still connected.
+        pixels = torch.cat([b.transpose(0, 1).reshape(3, -1) for b in batches], dim=1)
+        inks = [self._ink(b) for b in batches]
+        ink = None if all(i is None for i in inks) else torch.cat(
+            [i.reshape(-1) if i is not None else torch.zeros(b[:, 0].numel(), dtype=torch.bool, device=b.device)
+             for i, b in zip(inks, batches, strict=True)])
         if pixels.shape[1] > self.max_fit_pixels:
             # A uniform subsample keeps the pool's tissue/glass mix (and thus its statistics).
             gen = torch.Generator(device="cpu").manual_seed(self.seed)
             pick = torch.randperm(pixels.shape[1], generator=gen)[: self.max_fit_pixels].to(pixels.device)
             pixels = pixels[:, pick]
+            ink = ink[pick] if ink is not None else None
         pixels = pixels.unsqueeze(0)
         od = self.od(pixels)
         mask = self._estimation_mask(od)
+        extra: dict[str, torch.Tensor] = {}
+        if ink is not None:
+            ink = ink.unsqueeze(0)
+            mask &= ~ink
+            extra["ignore"] = ink
         n_tissue = int(mask.sum())
         if n_tissue < self.min_tissue_pixels:
             return self._fallback_profile(source, n_tissue)
-        params, ok = self._estimate(od, mask, pixels, pooled=True)
+        params, ok = self._estimate(od, mask, pixels, pooled=True, **extra)
         if not bool(ok[0]):
             return self._fallback_profile(source, n_tissue)
         return self._profile_from_params(params, 0, n_tissue, source)
@@ -234,6 +265,7 @@ class StainNormalizer(ABC):
             b = batch.shape[0]
             flat = batch.reshape(b, 3, -1)
             od = self.od(flat)
+            ink = self._ink(batch, od.reshape(batch.shape))  # (B, H, W) or None
             if self.estimate_stride > 1:
                 # Per-tile statistics from every s-th pixel in both directions: s^2 times
                 # less estimation work, the transform itself still sees every pixel.
@@ -241,10 +273,16 @@ class StainNormalizer(ABC):
                 est_rgb = batch[:, :, ::s, ::s].reshape(b, 3, -1)
                 est_od = od.reshape(batch.shape)[:, :, ::s, ::s].reshape(b, 3, -1)
                 min_pixels = max(2, self.min_tissue_pixels // (s * s))
+                est_ink = ink[:, ::s, ::s].reshape(b, -1) if ink is not None else None
             else:
                 est_rgb, est_od, min_pixels = flat, od, self.min_tissue_pixels
+                est_ink = ink.reshape(b, -1) if ink is not None else None
             mask = self._estimation_mask(est_od)
-            params, ok = self._estimate(est_od, mask, est_rgb)
+            extra: dict[str, torch.Tensor] = {}
+            if est_ink is not None:
+                mask &= ~est_ink
+                extra["ignore"] = est_ink
+            params, ok = self._estimate(est_od, mask, est_rgb, **extra)
             ok = ok & (mask.sum(dim=1) >= min_pixels)
             backup = self._params_from_profile(fallback, device) if fallback is not None else target
             src = {k: torch.where(_expand_like(ok, v), v, backup[k].expand_as(v))
@@ -295,6 +333,32 @@ class StainMatrixNormalizer(StainNormalizer):
     """Shared profile handling of the methods that estimate a stain matrix and robust
     concentration maxima (Macenko, Vahadane): params ``matrix`` (B, 3, 2), ``max_c``
     (B, 2) and, for pooled estimates, ``percentiles`` (B, 2 stains, 3 percentiles)."""
+
+    #: Glass threshold and black limit (OD, every channel); subclasses set them in ``__init__``.
+    beta: float
+    black_od: float
+    #: Leave marker ink (:func:`studio.color.ink_regions`) out of every estimate.
+    exclude_ink: bool = True
+
+    def _estimation_mask(self, od: torch.Tensor) -> torch.Tensor:
+        """Tissue pixels: every channel between ``beta`` (glass) and ``black_od`` (the base
+        class then removes :meth:`_ink`)."""
+        lowest = channel_min(od)
+        return (lowest >= self.beta) & (lowest <= self.black_od)
+
+    def _ink(self, tiles: torch.Tensor, od: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Marker ink (:func:`studio.color.ink_regions`), left out of the stain matrix and the
+        concentration maxima.
+
+        Why: the stain matrix comes from the extreme directions (Macenko) or the dominant
+        directions (Vahadane) of the tissue's optical density. Green and blue pen lie
+        beyond hematoxylin there, so a stroke over 5 % of a tile becomes the
+        "hematoxylin" vector. Its high "concentrations" also set the 99th percentile, and
+        real nuclei lose their colour (measured on a real tile: non-ink pixels moved by 43
+        grey levels). Ink pixels are still transformed: only the fit ignores them."""
+        if not self.exclude_ink:
+            return None
+        return ink_regions(self.od(tiles) if od is None else od)
 
     def _params_from_profile(self, profile: StainProfile, device: torch.device) -> Params:
         return {"matrix": profile.matrix(device).unsqueeze(0), "max_c": profile.max_conc(device).unsqueeze(0)}

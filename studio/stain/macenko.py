@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from studio.color import MACENKO_HE_REFERENCE, MACENKO_MAX_CONCENTRATION, channel_min, od_to_rgb
+from studio.color import MACENKO_HE_REFERENCE, MACENKO_MAX_CONCENTRATION, od_to_rgb
 from studio.errors import InputError
 from studio.stain.base import Params, StainMatrixNormalizer
 from studio.stain.profile import StainProfile
@@ -54,8 +54,13 @@ class MacenkoNormalizer(StainMatrixNormalizer):
         black_od: pixels whose every channel is above this are ignored when estimating
             (black ink, scanner artefacts); 4.0 ~ RGB 3. Dark nuclei with one channel
             near 0 stay in (hgsc_nest has thousands such pixels).
+        exclude_ink: leave marker ink (green, blue, teal, black pen;
+            :func:`studio.color.ink_regions`) out of the stain estimate, so a pen stroke
+            cannot become the hematoxylin vector. Ink pixels are still transformed.
+            ``False`` reproduces torchstain's pixel selection.
         concentration_scope: "all" takes the 99th-percentile concentration over every
-            pixel, as HEnorm and torchstain do (outputs then match torchstain);
+            pixel (but ink, with ``exclude_ink``), as HEnorm and torchstain do (outputs
+            then match torchstain);
             "tissue" takes it over tissue pixels only, which makes the scale independent
             of how much glass a tile shows.
         min_stain_angle: estimates whose H and E vectors are closer than this (degrees)
@@ -73,11 +78,12 @@ class MacenkoNormalizer(StainMatrixNormalizer):
 
     def __init__(self, *, alpha: float = 1.0, beta: float = 0.15, black_od: float = 4.0,
                  concentration_scope: str = "all", min_stain_angle: float = 8.0, keep_residual: bool = True,
-                 **kwargs: Any):
+                 exclude_ink: bool = True, **kwargs: Any):
         if concentration_scope not in ("all", "tissue"):
             raise InputError("concentration_scope", f"{concentration_scope!r}; use 'all' or 'tissue'")
         self.concentration_scope = concentration_scope
         self.keep_residual = bool(keep_residual)
+        self.exclude_ink = bool(exclude_ink)
         self.alpha = float(alpha)
         self.beta = float(beta)
         self.black_od = float(black_od)
@@ -87,7 +93,7 @@ class MacenkoNormalizer(StainMatrixNormalizer):
     def _hyperparams(self) -> dict[str, Any]:
         return {**super()._hyperparams(), "alpha": self.alpha, "beta": self.beta, "black_od": self.black_od,
                 "min_stain_angle": self.min_stain_angle, "concentration_scope": self.concentration_scope,
-                "keep_residual": self.keep_residual}
+                "keep_residual": self.keep_residual, "exclude_ink": self.exclude_ink}
 
     def default_target(self) -> StainProfile:
         return StainProfile(method=self.name, stain_matrix=MACENKO_HE_REFERENCE.tolist(),
@@ -96,12 +102,8 @@ class MacenkoNormalizer(StainMatrixNormalizer):
                             params=self._hyperparams())
 
     # ------------------------------------------------------------------ estimation
-    def _estimation_mask(self, od: torch.Tensor) -> torch.Tensor:
-        lowest = channel_min(od)
-        return (lowest >= self.beta) & (lowest <= self.black_od)
-
-    def _estimate(self, od: torch.Tensor, mask: torch.Tensor, rgb: torch.Tensor, pooled: bool = False
-                  ) -> tuple[Params, torch.Tensor]:
+    def _estimate(self, od: torch.Tensor, mask: torch.Tensor, rgb: torch.Tensor, pooled: bool = False,
+                  ignore: torch.Tensor | None = None) -> tuple[Params, torch.Tensor]:
         count = mask.sum(dim=1)  # (B,)
         n = count.to(od.dtype).clamp_min(2.0).reshape(-1, 1, 1)
         odm = od * mask.to(od.dtype).unsqueeze(1)  # (B, 3, N), zero outside tissue
@@ -135,7 +137,15 @@ class MacenkoNormalizer(StainMatrixNormalizer):
         adjugate = torch.stack((torch.stack((in_plane[:, 1, 1], -in_plane[:, 0, 1]), dim=1),
                                 torch.stack((-in_plane[:, 1, 0], in_plane[:, 0, 0]), dim=1)), dim=1)
         conc = (adjugate / safe_det) @ proj  # (B, 2, N)
-        scope, scope_count = (mask, count) if self.concentration_scope == "tissue" else (None, None)
+        if self.concentration_scope == "tissue":
+            scope, scope_count = mask, count
+        elif ignore is not None:
+            # "all" pixels but ink: a pen stroke has the highest "concentrations" of the
+            # tile and would set the 99th percentile, lightening every nucleus.
+            scope = ~ignore
+            scope_count = scope.sum(dim=1)
+        else:
+            scope, scope_count = None, None
         max_c = torch.stack([masked_percentile(conc[:, i], scope, 99.0, scope_count) for i in range(2)], dim=1)
         ok = (
             invertible

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from studio.color import MACENKO_HE_REFERENCE, MACENKO_MAX_CONCENTRATION, channel_min, od_to_rgb
+from studio.color import MACENKO_HE_REFERENCE, MACENKO_MAX_CONCENTRATION, od_to_rgb
 from studio.stain.base import Params, StainMatrixNormalizer
 from studio.stain.macenko import order_he, stain_angle_deg
 from studio.stain.profile import StainProfile
@@ -58,6 +58,8 @@ class VahadaneNormalizer(StainMatrixNormalizer):
     Args:
         beta: optical-density threshold (every channel) below which a pixel is glass.
         black_od: pixels whose every channel is above this are ignored (black ink).
+        exclude_ink: leave marker ink (:func:`studio.color.ink_regions`) out of the
+            dictionary learning and the concentration maxima; ink pixels are still transformed.
         dictionary_lambda: sparsity weight while learning the stain matrix (staintools: 0.1).
         concentration_lambda: sparsity weight for the final concentrations (staintools: 0.01).
         iterations: alternating updates of the dictionary (converges in ~20 from the H&E prior).
@@ -74,8 +76,9 @@ class VahadaneNormalizer(StainMatrixNormalizer):
     def __init__(self, *, beta: float = 0.15, black_od: float = 4.0, dictionary_lambda: float = 0.1,
                  concentration_lambda: float = 0.01, iterations: int = 20, fit_pixels: int = 8192,
                  min_stain_angle: float = 8.0, background: float = 1.0, keep_residual: bool = True,
-                 **kwargs: Any):
+                 exclude_ink: bool = True, **kwargs: Any):
         self.keep_residual = bool(keep_residual)
+        self.exclude_ink = bool(exclude_ink)
         self.beta = float(beta)
         self.black_od = float(black_od)
         self.dictionary_lambda = float(dictionary_lambda)
@@ -89,16 +92,13 @@ class VahadaneNormalizer(StainMatrixNormalizer):
         return {**super()._hyperparams(), "beta": self.beta, "black_od": self.black_od,
                 "dictionary_lambda": self.dictionary_lambda, "concentration_lambda": self.concentration_lambda,
                 "iterations": self.iterations, "fit_pixels": self.fit_pixels,
-                "min_stain_angle": self.min_stain_angle, "keep_residual": self.keep_residual}
+                "min_stain_angle": self.min_stain_angle, "keep_residual": self.keep_residual,
+                "exclude_ink": self.exclude_ink}
 
     def default_target(self) -> StainProfile:
         return StainProfile(method=self.name, stain_matrix=MACENKO_HE_REFERENCE.tolist(),
                             max_concentrations=MACENKO_MAX_CONCENTRATION.tolist(), background=self.background,
                             source="Macenko et al. H&E reference vectors (default)", params=self._hyperparams())
-
-    def _estimation_mask(self, od: torch.Tensor) -> torch.Tensor:
-        lowest = channel_min(od)
-        return (lowest >= self.beta) & (lowest <= self.black_od)
 
     def _sample(self, od: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Up to ``fit_pixels`` tissue pixels per row, with 0/1 weights for rows that have
@@ -137,8 +137,8 @@ class VahadaneNormalizer(StainMatrixNormalizer):
         matrix = matrix / matrix.norm(dim=1, keepdim=True).clamp_min(1e-8)
         return order_he(matrix[:, :, 0], matrix[:, :, 1])
 
-    def _estimate(self, od: torch.Tensor, mask: torch.Tensor, rgb: torch.Tensor, pooled: bool = False
-                  ) -> tuple[Params, torch.Tensor]:
+    def _estimate(self, od: torch.Tensor, mask: torch.Tensor, rgb: torch.Tensor, pooled: bool = False,
+                  ignore: torch.Tensor | None = None) -> tuple[Params, torch.Tensor]:
         count = mask.sum(dim=1)
         sample, weight = self._sample(od, mask)
         matrix = self.learn_dictionary(sample, weight)
