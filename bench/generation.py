@@ -81,7 +81,7 @@ class Row(NamedTuple):
 
 
 def realism_rows(pipe, encoder, halves: HeldoutHalves, steps: int, guidance: float, seed: int = 0,
-                 n_train: int | None = None) -> dict[str, Row]:
+                 n_train: int | None = None, baselines: bool = True) -> dict[str, Row]:
     """The rows of the realism table; none shares the reference half's pixels.
 
     Groups tie each tile to the spatial block it came from (a generated tile to the block
@@ -93,6 +93,8 @@ def realism_rows(pipe, encoder, halves: HeldoutHalves, steps: int, guidance: flo
     size = b.shape[1]
     groups_b = [f"block{g}" for g in halves.groups_b]
     rows = {"real held-out B (floor)": Row(b, groups_b, halves.sources_b)}
+    if not baselines:
+        return _with_generated(rows, pipe, encoder, b, groups_b, halves.sources_b, steps, guidance, seed)
     train = tissue_tiles("train", size, stride=size, min_tissue=0.6)
     pick = np.sort(np.random.default_rng(seed).choice(len(train), size=min(n_train or n, len(train)), replace=False))
     rows["real tiles of the train regions (unpaired)"] = Row(train[pick], [f"train{i}" for i in pick],
@@ -103,12 +105,20 @@ def realism_rows(pipe, encoder, halves: HeldoutHalves, steps: int, guidance: flo
     rows["phantom tiles"] = Row(phantom, [f"phantom{i}" for i in range(n)], ["phantom"] * n)
     rows["colour-matched noise texture (control)"] = Row(to_uint8(colour_noise(to_tensor(b), seed + 2)),
                                                          [f"noise{i}" for i in range(n)], ["noise"] * n)
-    if pipe is not None:
-        grid = pipe.conditioner.grid_for(size, size)
-        tokens = torch.cat([encoder.embed(to_tensor(b[i:i + 1]), grid=grid) for i in range(n)])
-        generated = generate_for(pipe, tokens, size, steps, guidance, seed=seed + 500)
-        rows[f"generated, conditioned on B ({steps} steps, guidance {guidance:g})"] = Row(
-            to_uint8(generated), groups_b, halves.sources_b)
+    return _with_generated(rows, pipe, encoder, b, groups_b, halves.sources_b, steps, guidance, seed)
+
+
+def _with_generated(rows: dict[str, Row], pipe, encoder, b: np.ndarray, groups_b: list[str], sources_b: list[str],
+                    steps: int, guidance: float, seed: int) -> dict[str, Row]:
+    """``rows`` plus the model's tiles conditioned on B (one per B tile, its block as group)."""
+    if pipe is None:
+        return rows
+    size = b.shape[1]
+    grid = pipe.conditioner.grid_for(size, size)
+    tokens = torch.cat([encoder.embed(to_tensor(b[i:i + 1]), grid=grid) for i in range(len(b))])
+    generated = generate_for(pipe, tokens, size, steps, guidance, seed=seed + 500)
+    rows[f"generated, conditioned on B ({steps} steps, guidance {guidance:g})"] = Row(to_uint8(generated), groups_b,
+                                                                                     sources_b)
     return rows
 
 
@@ -176,9 +186,15 @@ def realism(pipe, encoder, args) -> dict:
     from pipelines.segmenter import HoVerNetLite
 
     halves = heldout_halves(REALISM_SIZE)
-    rows = realism_rows(pipe, encoder, halves, args.steps, args.guidance)
+    rows = realism_rows(pipe, encoder, halves, args.steps, args.guidance, baselines=not args.skip_baselines)
     out = {"tile_size": REALISM_SIZE, "reference": f"held-out half A ({len(halves.a)} tiles)",
            "rows_tiles": {k: len(r.tiles) for k, r in rows.items()}}
+    generated = [r for k, r in rows.items() if k.startswith("generated")]
+    if generated:  # conditioning, on the same samples: cosine to own condition vs to the others
+        with torch.no_grad():
+            cond = features(encoder, to_tensor(halves.b))
+        matched, others = conditioning(encoder, [to_tensor(generated[0].tiles)], cond)
+        out["cosine_matched"], out["cosine_random_pairs"] = round(matched, 4), round(others, 4)
     out["c2st_auc"] = c2st_table(halves, rows)
     segmenter = load_model_folder(HoVerNetLite, Path(args.segmenter)).eval()
     with torch.no_grad():
@@ -205,6 +221,8 @@ def main() -> None:
     parser.add_argument("--segmenter", default="checkpoints/nuclei-segmenter",
                         help="the independent feature space's network (a nuclei-segmenter folder)")
     parser.add_argument("--sweep", default="", help="comma-separated guidance scales to compare (one seed each)")
+    parser.add_argument("--skip-baselines", action="store_true",
+                        help="realism: only the floor and the model's row (the baselines do not depend on the model)")
     parser.add_argument("--only", choices=("all", "realism"), default="all",
                         help="realism: section 3 alone (C2ST and FD), written to <out>/generation_realism.json")
     args = parser.parse_args()
