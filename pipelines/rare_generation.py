@@ -83,9 +83,10 @@ def mask_agreement(image: np.ndarray, inst: np.ndarray, ring: int = 3, margin: f
     return float(np.mean(inside > around + margin))
 
 
-def _check_request(req: RareRequest, classes: dict[int, str]) -> list[int]:
+def _check_options(req: RareRequest) -> None:
+    """The checks that need no model: run before the checkpoint is loaded, so a bad
+    ``--count`` is refused at once, not after seconds of loading."""
     from studio.data.registry import LAYOUTS
-    from studio.layouts import parse_classes
 
     if req.format not in LAYOUTS:
         raise InputError("--format", f"{req.format!r}; choose one of {', '.join(LAYOUTS)}")
@@ -98,6 +99,16 @@ def _check_request(req: RareRequest, classes: dict[int, str]) -> list[int]:
         raise InputError("--per-patch", f"{req.per_patch}; each patch needs at least one nucleus of each class")
     if req.size < 32 or req.size % 8:
         raise InputError("--size", f"{req.size}; use a multiple of 8, at least 32")
+    if req.steps < 1:
+        raise InputError("--steps", f"{req.steps}; sample with at least 1 step")
+    if not 0 <= req.min_agreement <= 1:
+        raise InputError("--min-agreement", f"{req.min_agreement}; a share between 0 and 1")
+
+
+def _check_request(req: RareRequest, classes: dict[int, str]) -> list[int]:
+    from studio.layouts import parse_classes
+
+    _check_options(req)
     codes = parse_classes(req.classes, classes)
     if req.format == "conic":
         from studio.data.conic import PANNUKE_TO_CONIC
@@ -105,8 +116,6 @@ def _check_request(req: RareRequest, classes: dict[int, str]) -> list[int]:
         lost = [classes[c] for c in codes if c not in PANNUKE_TO_CONIC]
         if lost:
             raise InputError("--format", f"CoNIC has no class for {', '.join(lost)}; use pannuke or folder")
-    if not 0 <= req.min_agreement <= 1:
-        raise InputError("--min-agreement", f"{req.min_agreement}; a share between 0 and 1")
     out = Path(req.out)
     if out.exists() and not req.overwrite:
         raise OutputError(out, "already exists; pass --overwrite to replace it")
@@ -133,7 +142,8 @@ def generate_rare(req: RareRequest, on_step: Step | None = None, log: Callable[[
     from studio.layouts import LayoutEditor, LayoutSource, home_tissue
 
     out = Path(req.out)
-    if out.exists() and not req.overwrite:  # before loading anything
+    _check_options(req)  # before loading anything
+    if out.exists() and not req.overwrite:
         raise OutputError(out, "already exists; pass --overwrite to replace it")
     if not Path(req.checkpoint).exists():
         from studio.errors import WeightsError

@@ -209,6 +209,27 @@ def test_generate_rare_bad_requests(tmp_path, mask_ckpt, extra, message):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--count", "-3"], "at least 1 patch"),
+    (["--count", "2", "--steps", "0"], "at least 1 step"),
+    (["--count", "2", "--min-agreement", "1.5"], "between 0 and 1"),
+])
+def test_generate_rare_refuses_bad_numbers_before_loading_the_model(tmp_path, monkeypatch, extra, message):
+    """The issue-22 battery: --count -3 used to load the checkpoint first. A folder that is
+    no checkpoint at all proves nothing was loaded: the option error comes first."""
+    from pipelines.mask_to_image import MaskToImagePipeline
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(MaskToImagePipeline, "from_pretrained", never)
+    out = tmp_path / "x"
+    result = CliRunner().invoke(app, ["generate", "rare", "--labels", "phantom", "--classes", "dead", "--size", "64",
+                                      "--checkpoint", str(tmp_path), "--out", str(out), *extra])
+    assert_clear_error(result, message)
+    assert not out.exists()
+
+
 def test_generate_rare_dataset_labels_with_foreign_classes(tmp_path, mask_ckpt):
     from studio.data.folder import write_folder
     from studio.data.samples import load_hgsc_nest_labels
