@@ -202,3 +202,39 @@ def test_ssl_encoder_geometric_setting_keeps_or_drops_orientation():
     windows[:, :, :, :36] = 0.0  # left half dark: a direction a rotation would move
     keep = augment(windows, 64, torch.Generator().manual_seed(0), geometric="none")
     assert (keep[:, :, :, :20].mean() < keep[:, :, :, -20:].mean()).item()
+
+
+def test_checkpoints_hold_no_pickle_and_the_ema_round_trips(trained, tmp_path):
+    """The issue-22 battery: the EMA was a custom_checkpoint_0.pkl that accelerate unpickles
+    with weights_only=False. It is safetensors now; an old checkpoint's pickle is read with
+    weights_only=True (tensors and numbers only)."""
+    from diffusers.training_utils import EMAModel
+
+    from training.utils import LEGACY_EMA_FILE, load_ema, save_ema
+
+    root, *_ = trained
+    checkpoint = max((root / "ldm" / "checkpoints").iterdir(), key=lambda p: int(p.name.split("_")[1]))
+    assert (checkpoint / "ema.safetensors").is_file()
+    assert not list(checkpoint.glob("custom_checkpoint_*"))
+
+    model = torch.nn.Linear(3, 2)
+    ema = EMAModel(model.parameters(), decay=0.9)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.step(model.parameters())
+    save_ema(ema, tmp_path)
+    fresh = EMAModel(torch.nn.Linear(3, 2).parameters(), decay=0.5)
+    load_ema(fresh, tmp_path)
+    assert fresh.decay == 0.9 and fresh.optimization_step == ema.optimization_step
+    assert all(torch.equal(a, b) for a, b in zip(fresh.shadow_params, ema.shadow_params, strict=True))
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    torch.save(ema.state_dict(), legacy / LEGACY_EMA_FILE)
+    again = EMAModel(torch.nn.Linear(3, 2).parameters())
+    load_ema(again, legacy)
+    assert torch.equal(again.shadow_params[0], ema.shadow_params[0])
+    torch.save({"shadow_params": [torch.zeros(1)], "evil": object()}, legacy / LEGACY_EMA_FILE)
+    from studio.errors import WeightsError
+
+    with pytest.raises(WeightsError, match="refused: weights only"):
+        load_ema(again, legacy)

@@ -268,9 +268,8 @@ def main(argv: list[str] | None = None) -> Path:
     lr_scheduler = warmup_cosine_scheduler(optimizer, cfg.warmup_steps, cfg.max_steps)
     controlnet, optimizer, lr_scheduler = accelerator.prepare(controlnet, optimizer, lr_scheduler)
     ema = EMAModel(accelerator.unwrap_model(controlnet).parameters(), decay=cfg.ema_decay)
-    accelerator.register_for_checkpointing(ema)
 
-    start, _ = resume_training(accelerator, out, args.resume)
+    start, _ = resume_training(accelerator, out, args.resume, ema=ema)
 
     seg_cfg = SegmenterConfig(sources=cfg.sources, stride=cfg.stride)
     data, p = build_training_data(seg_cfg)
@@ -337,7 +336,7 @@ def main(argv: list[str] | None = None) -> Path:
             log.write(step=done, **metrics)
             accelerator.print(f"step {done}: loss {loss.item():.4f} {metrics}")
         if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
-            save_checkpoint(accelerator, out, done, cfg.keep_checkpoints)
+            save_checkpoint(accelerator, out, done, cfg.keep_checkpoints, ema=ema)
 
     model = accelerator.unwrap_model(controlnet)
     ema.copy_to(model.parameters())

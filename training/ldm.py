@@ -261,9 +261,8 @@ def main(argv: list[str] | None = None) -> Path:
     lr_scheduler = warmup_cosine_scheduler(optimizer, cfg.warmup_steps, cfg.max_steps)
     denoiser, optimizer, lr_scheduler = accelerator.prepare(denoiser, optimizer, lr_scheduler)
     ema = EMAModel(accelerator.unwrap_model(denoiser).parameters(), decay=cfg.ema_decay)
-    accelerator.register_for_checkpointing(ema)
 
-    start, _ = resume_training(accelerator, out, args.resume)
+    start, _ = resume_training(accelerator, out, args.resume, ema=ema)
 
     grid = conditioner.grid_for(cfg.crop_size, cfg.crop_size)
     sampler = CropSampler(list(regions("train").values()), cfg.crop_size, min_tissue=0.5, seed=cfg.seed)
@@ -307,7 +306,7 @@ def main(argv: list[str] | None = None) -> Path:
             log.write(step=done, **metrics)
             accelerator.print(f"step {done}: loss {loss.item():.4f} {metrics}")
         if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
-            save_checkpoint(accelerator, out, done, cfg.keep_checkpoints)
+            save_checkpoint(accelerator, out, done, cfg.keep_checkpoints, ema=ema)
 
     model = accelerator.unwrap_model(denoiser)
     ema.copy_to(model.parameters())

@@ -254,8 +254,7 @@ def main(argv: list[str] | None = None) -> Path:
     sched = warmup_cosine_scheduler(opt, cfg.warmup_steps, cfg.max_steps)
     model, opt, sched = accelerator.prepare(model, opt, sched)
     ema = EMAModel(accelerator.unwrap_model(model).parameters(), decay=cfg.ema_decay)
-    accelerator.register_for_checkpointing(ema)
-    start, _ = resume_training(accelerator, out, args.resume)
+    start, _ = resume_training(accelerator, out, args.resume, ema=ema)
     train = regions("train")
     images, names = list(train.values()), list(train)
     val = held_out_pairs(cfg)
@@ -307,7 +306,7 @@ def main(argv: list[str] | None = None) -> Path:
             log.write(step=done, **{f"val_{k}": v for k, v in metrics.items()})
             accelerator.print(f"step {done}: loss {loss.item():.4f} {metrics}")
         if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
-            save_checkpoint(accelerator, out, done, cfg.keep_checkpoints)
+            save_checkpoint(accelerator, out, done, cfg.keep_checkpoints, ema=ema)
     m = accelerator.unwrap_model(model)
     ema.copy_to(m.parameters())
     m.eval()

@@ -93,13 +93,61 @@ def common_args(description: str, recipe: Path) -> argparse.ArgumentParser:
     return parser
 
 
+EMA_FILE = "ema.safetensors"
+LEGACY_EMA_FILE = "custom_checkpoint_0.pkl"
+
+
+def save_ema(ema: Any, folder: Path) -> Path:
+    """An ``EMAModel``'s state as safetensors: its shadow tensors, and its scalars (decay,
+    step count, ...) as JSON metadata. Registered with ``register_for_checkpointing``, the
+    EMA would be a pickle that accelerate reads back with ``weights_only=False``."""
+    from safetensors.torch import save_file
+
+    state = ema.state_dict()
+    tensors = {f"shadow_params.{i}": t.detach().contiguous().cpu() for i, t in enumerate(state["shadow_params"])}
+    scalars = {k: v for k, v in state.items() if k != "shadow_params"}
+    path = Path(folder) / EMA_FILE
+    save_file(tensors, str(path), metadata={"scalars": json.dumps(scalars)})
+    return path
+
+
+def load_ema(ema: Any, folder: Path) -> None:
+    """Restore :func:`save_ema`'s file. A checkpoint written before it (accelerate's
+    ``custom_checkpoint_0.pkl``) is read with ``torch.load(weights_only=True)``: tensors and
+    numbers only, never objects."""
+    import torch
+    from safetensors import safe_open
+
+    from studio.errors import WeightsError
+
+    folder = Path(folder)
+    if (folder / EMA_FILE).is_file():
+        with safe_open(str(folder / EMA_FILE), framework="pt") as f:
+            scalars = json.loads((f.metadata() or {}).get("scalars", "{}"))
+            shadow = [f.get_tensor(f"shadow_params.{i}") for i in range(len(list(f.keys())))]
+        ema.load_state_dict({**scalars, "shadow_params": shadow})
+    elif (folder / LEGACY_EMA_FILE).is_file():
+        import pickle
+
+        try:
+            state = torch.load(folder / LEGACY_EMA_FILE, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise WeightsError(folder / LEGACY_EMA_FILE, "holds more than tensors and numbers (refused: weights "
+                                                         f"only); {str(exc).splitlines()[0]}") from exc
+        ema.load_state_dict(state)
+    else:
+        raise WeightsError(folder, f"has no EMA state ({EMA_FILE}); resume from a checkpoint this recipe wrote")
+
+
 def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, keep: int,
-                    extra: Callable[[Path], None] | None = None) -> Path:
+                    extra: Callable[[Path], None] | None = None, ema: Any = None) -> Path:
     """Accelerator state (safetensors weights) in ``checkpoints/checkpoint_<step>``, the
-    step number beside it, ``extra(path)`` for anything else (e.g. EMA weights); only the
-    newest ``keep`` checkpoints are kept."""
+    step number beside it, the EMA as safetensors (:func:`save_ema`), ``extra(path)`` for
+    anything else; only the newest ``keep`` checkpoints are kept."""
     path = Path(output_dir) / "checkpoints" / f"checkpoint_{step}"
     accelerator.save_state(str(path), safe_serialization=True)
+    if ema is not None:
+        save_ema(ema, path)
     if extra is not None:
         extra(path)
     (path / "step.json").write_text(json.dumps({"step": step}))
@@ -132,12 +180,16 @@ def warmup_cosine_scheduler(optimizer: Any, warmup: int, total: int, floor: floa
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, warmup, total, floor))
 
 
-def resume_training(accelerator: Any, output_dir: str | Path, resume: str | None) -> tuple[int, Path | None]:
-    """``--resume``: restore the accelerator state; ``(step to start at, checkpoint or None)``."""
+def resume_training(accelerator: Any, output_dir: str | Path, resume: str | None,
+                    ema: Any = None) -> tuple[int, Path | None]:
+    """``--resume``: restore the accelerator state (and the EMA, :func:`load_ema`);
+    ``(step to start at, checkpoint or None)``."""
     checkpoint = resume_path(output_dir, resume)
     if checkpoint is None:
         return 0, None
     start = load_checkpoint(accelerator, checkpoint)
+    if ema is not None:
+        load_ema(ema, checkpoint)
     accelerator.print(f"resumed from {checkpoint} at step {start}")
     return start, checkpoint
 

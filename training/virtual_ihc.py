@@ -385,8 +385,7 @@ def _train_fast(cfg, args, accelerator, he, ihc, val, log, out, EMAModel) -> Pat
     gen_model, disc, proj, opt_g, opt_d, sched_g, sched_d = accelerator.prepare(gen_model, disc, proj, opt_g, opt_d,
                                                                               sched_g, sched_d)
     ema = EMAModel(accelerator.unwrap_model(gen_model).parameters(), decay=0.995)
-    accelerator.register_for_checkpointing(ema)
-    start, _ = resume_training(accelerator, out, args.resume)
+    start, _ = resume_training(accelerator, out, args.resume, ema=ema)
     for step in range(start, cfg.max_steps):
         a, b = (t.to(accelerator.device) for t in crop_batch(he, ihc, step, cfg))
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
@@ -428,7 +427,7 @@ def _train_fast(cfg, args, accelerator, he, ihc, val, log, out, EMAModel) -> Pat
             log.write(step=done, **{f"val_{k}": v for k, v in metrics.items()})
             accelerator.print(f"step {done}: {metrics}")
         if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
-            save_checkpoint(accelerator, out, done, cfg.keep_checkpoints)
+            save_checkpoint(accelerator, out, done, cfg.keep_checkpoints, ema=ema)
     model = accelerator.unwrap_model(gen_model)
     ema.copy_to(model.parameters())
     model.eval()
@@ -498,8 +497,7 @@ def _train_diffusion(cfg, args, accelerator, he, ihc, val, log, out, EMAModel) -
     sched = warmup_cosine_scheduler(opt, cfg.warmup_steps, cfg.max_steps)
     unet, opt, sched = accelerator.prepare(unet, opt, sched)
     ema = EMAModel(accelerator.unwrap_model(unet).parameters(), decay=cfg.ema_decay)
-    accelerator.register_for_checkpointing(ema)
-    start, _ = resume_training(accelerator, out, args.resume)
+    start, _ = resume_training(accelerator, out, args.resume, ema=ema)
     scale = vae.config.scaling_factor
     cache = PairLatentCache(vae, he, ihc, factor, prior=prior) if cfg.latent_cache else None
     residual = cfg.diffusion_prior == "residual"
@@ -559,7 +557,7 @@ def _train_diffusion(cfg, args, accelerator, he, ihc, val, log, out, EMAModel) -
             log.write(step=done, **{f"val_{k}": v for k, v in metrics.items()})
             accelerator.print(f"step {done}: loss {loss.item():.4f} {metrics}")
         if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
-            save_checkpoint(accelerator, out, done, cfg.keep_checkpoints)
+            save_checkpoint(accelerator, out, done, cfg.keep_checkpoints, ema=ema)
     model = accelerator.unwrap_model(unet)
     ema.copy_to(model.parameters())
     model.eval()
