@@ -319,7 +319,9 @@ def load_model_folder(cls: type[ModelMixin], folder: Path) -> ModelMixin:
         return cls.from_pretrained(folder, use_safetensors=True, local_files_only=True, low_cpu_mem_usage=False,
                                    **dtype_kwargs(torch.float32))
     except Exception as exc:
-        raise WeightsError(folder, f"cannot load {cls.__name__} ({type(exc).__name__}: {exc})") from exc
+        from pipelines.loading import loading_failure
+
+        raise WeightsError(folder, f"cannot load {cls.__name__} ({loading_failure(exc)})") from exc
 
 
 def load_encoder(spec: str | Path, device: str | torch.device | None = None) -> Encoder:

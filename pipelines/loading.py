@@ -120,6 +120,29 @@ def latent_ddim(config: Any = None, **overrides: Any):
     return DDIMScheduler(**kwargs)
 
 
+def loading_failure(exc: BaseException) -> str:
+    """One line for a failed load. A config that disagrees with its weights makes torch
+    list every mismatched tensor and diffusers append advice about
+    ``ignore_mismatched_sizes`` (17 lines for one checkpoint); the first mismatch says it."""
+    import re
+
+    text = str(exc)
+    found = re.search(r"size mismatch for ([^:\s]+): copying a param with shape (torch\.Size\(\[[^\]]*\]\)) "
+                      r"from checkpoint, the shape in current model is (torch\.Size\(\[[^\]]*\]\))", text)
+    if found:
+        name, stored, expected = found.groups()
+        more = text.count("size mismatch for") - 1
+        return (f"config.json disagrees with the weights: {name} is {stored[11:-1]} in the file, "
+                f"{expected[11:-1]} in the config" + (f" (and {more} more)" if more > 0 else ""))
+    found = re.search(r"because (\S+) expected shape torch\.Size\(\[([^\]]*)\]\), but got torch\.Size\(\[([^\]]*)\]\)",
+                      text)  # diffusers' own check, followed by its ignore_mismatched_sizes advice
+    if found:
+        name, expected, stored = found.groups()
+        return f"config.json disagrees with the weights: {name} is [{stored}] in the file, [{expected}] in the config"
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"{type(exc).__name__}: {first}"
+
+
 class LocalPipeline:
     """Mixin for the studio's diffusers pipelines: ``from_pretrained`` loads a validated
     *local* folder only (no hub lookup), safetensors only, float32 unless a dtype is given
@@ -143,8 +166,8 @@ class LocalPipeline:
         except HistostudioError:
             raise
         except Exception as exc:
-            raise WeightsError(pretrained_model_name_or_path, f"cannot load {cls.__name__} "
-                                                              f"({type(exc).__name__}: {exc})") from exc
+            raise WeightsError(pretrained_model_name_or_path,
+                               f"cannot load {cls.__name__} ({loading_failure(exc)})") from exc
         check = getattr(pipe, "check_compatible", None)
         if callable(check):
             check()

@@ -139,3 +139,29 @@ def test_builtin_encoder_gives_a_finer_token_grid_from_overlapping_windows():
     assert coarse[0] == tile[0, 0, :64, :64].mean() and coarse[1] == 1.0
     with pytest.raises(InputError, match="divisor"):
         encoder.patch_tokens(tile, stride=48)
+
+
+def test_a_config_that_disagrees_with_its_weights_is_one_line_naming_the_parameter(tmp_path):
+    """The issue-22 battery: 17 lines of size mismatch and diffusers' ignore_mismatched_sizes
+    advice became one line naming the folder and the first mismatched parameter."""
+    import json
+
+    from pipelines.encoders import PatchEncoder, load_model_folder
+    from pipelines.loading import loading_failure
+
+    folder = tmp_path / "enc"
+    PatchEncoder(embed_dim=8, channels=(4, 4, 4, 4, 4)).save_pretrained(folder, safe_serialization=True)
+    config = json.loads((folder / "config.json").read_text())
+    config["embed_dim"] = 16
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(WeightsError) as info:
+        load_model_folder(PatchEncoder, folder)
+    message = str(info.value)
+    assert len(message.splitlines()) == 1 and str(folder) in message
+    assert "config.json disagrees with the weights" in message and "ignore_mismatched_sizes" not in message
+    torch_text = RuntimeError("Error(s) in loading state_dict for Net:\n\tsize mismatch for head.weight: copying a "
+                              "param with shape torch.Size([8, 4]) from checkpoint, the shape in current model is "
+                              "torch.Size([16, 4]).\n\tsize mismatch for head.bias: copying a param with shape "
+                              "torch.Size([8]) from checkpoint, the shape in current model is torch.Size([16]).")
+    assert loading_failure(torch_text) == ("config.json disagrees with the weights: head.weight is [8, 4] in the file, "
+                                           "[16, 4] in the config (and 1 more)")
