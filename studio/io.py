@@ -26,6 +26,9 @@ from studio.errors import InputError, OutputError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 TIFF_SUFFIXES = (".tif", ".tiff")
+# A plain PNG/JPEG above Pillow's decompression-bomb limit (89 MPix) is read as a one-level
+# slide (studio.slides), tiled, up to this many pixels (3 GiB of RGB in memory).
+LARGE_IMAGE_MAX_PIXELS = 1 << 30
 
 
 # --------------------------------------------------------------------------- atomic writes
@@ -194,12 +197,31 @@ def _to_uint8_rgb(array: np.ndarray, path: Path, *, allow_gray: bool) -> np.ndar
     return np.ascontiguousarray(arr)
 
 
-def read_image(path: str | Path, *, allow_gray: bool = False) -> np.ndarray:
+def plain_image_pixels(path: str | Path) -> int | None:
+    """Width x height from a PNG/JPEG/BMP/WebP header (nothing decoded), or None when the
+    header cannot be read."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                with Image.open(path) as img:
+                    return int(img.size[0]) * int(img.size[1])
+            finally:
+                Image.MAX_IMAGE_PIXELS = previous
+    except Exception:
+        return None
+
+
+def read_image(path: str | Path, *, allow_gray: bool = False, max_pixels: int | None = None) -> np.ndarray:
     """Read an image file as uint8 RGB ``(H, W, 3)``.
 
     Accepts PNG, JPEG, BMP, WebP and (multi-page, 8/16-bit) TIFF. RGBA is composited over
     white; 16-bit is scaled to 8-bit; grayscale is refused unless ``allow_gray`` (stain
-    methods need colour).
+    methods need colour). ``max_pixels`` raises Pillow's decompression-bomb limit for this
+    read (the slide jobs read large plain images whole, as one-level slides).
 
     Raises:
         InputError: missing file, unknown format, truncated or corrupt data, wrong channels.
@@ -217,9 +239,12 @@ def read_image(path: str | Path, *, allow_gray: bool = False) -> np.ndarray:
     else:
         from PIL import Image, UnidentifiedImageError
 
+        previous = Image.MAX_IMAGE_PIXELS
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
+                if max_pixels is not None:
+                    Image.MAX_IMAGE_PIXELS = max_pixels
                 with Image.open(path) as img:
                     img.load()
                     # np.array (not asarray): PIL's buffer is read-only.
@@ -234,9 +259,20 @@ def read_image(path: str | Path, *, allow_gray: bool = False) -> np.ndarray:
         except UnidentifiedImageError as exc:
             raise InputError(path, "is not a readable image (unknown or corrupt format)") from exc
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise InputError(path, f"is too large to open as a plain image ({exc}); open it as a slide") from exc
+            pixels = plain_image_pixels(path) or 0
+            if max_pixels is not None:
+                raise InputError(path, f"has {pixels / 1e6:.0f} MPix, more than a plain image can be read whole "
+                                       f"({max_pixels / 1e6:.0f} MPix); convert it to a pyramidal TIFF (e.g. vips "
+                                       f"tiffsave {path.name} {path.stem}.tif --tile --pyramid --compression jpeg)"
+                                 ) from exc
+            raise InputError(path, f"has {pixels / 1e6:.0f} MPix, above the plain-image limit "
+                                   f"({Image.MAX_IMAGE_PIXELS / 1e6:.0f} MPix); the slide jobs (normalize, translate, "
+                                   f"segment) read it as a tiled slide, or open it with "
+                                   f"studio.slides.open_slide") from exc
         except (OSError, SyntaxError, ValueError) as exc:
             raise InputError(path, f"corrupt or truncated image ({exc})") from exc
+        finally:
+            Image.MAX_IMAGE_PIXELS = previous
     return _to_uint8_rgb(array, path, allow_gray=allow_gray)
 
 

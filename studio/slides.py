@@ -54,7 +54,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from studio.errors import InputError
-from studio.io import IMAGE_SUFFIXES, TIFF_SUFFIXES, atomic_path, read_image
+from studio.io import IMAGE_SUFFIXES, LARGE_IMAGE_MAX_PIXELS, TIFF_SUFFIXES, atomic_path, plain_image_pixels, read_image
 
 __all__ = [
     "SLIDE_SUFFIXES",
@@ -106,17 +106,29 @@ def _is_tiff_file(path: Path) -> bool:
         return False
 
 
+def _above_plain_image_limit(path: Path) -> bool:
+    """A PNG/JPEG larger than Pillow's decompression-bomb limit: read as a one-level slide."""
+    from PIL import Image
+
+    pixels = plain_image_pixels(path) if path.is_file() else None
+    return bool(pixels and Image.MAX_IMAGE_PIXELS and pixels > Image.MAX_IMAGE_PIXELS)
+
+
 def is_slide_path(path: str | Path) -> bool:
     """True when ``path`` should be opened as a whole slide rather than read as one image.
 
     Whole-slide formats (.svs, .ndpi, .mrxs, ...) are slides by extension. A .tif/.tiff is
     a slide when it is tiled, holds a pyramid (more than one resolution) or is larger than
     ``LARGE_TIFF_SIDE`` pixels on a side; small plain (stripped, single-level) TIFF tiles,
-    PNG and JPEG are images. A TIFF that cannot be parsed is not a slide (reading it as an
+    PNG and JPEG are images, unless a PNG/JPEG is above Pillow's decompression-bomb limit:
+    then it is a one-level slide, read whole (up to ``LARGE_IMAGE_MAX_PIXELS``) and
+    processed tile by tile. A TIFF that cannot be parsed is not a slide (reading it as an
     image then gives the precise error).
     """
     path = Path(path)
     suffix = _suffix(path)
+    if suffix in IMAGE_SUFFIXES and suffix not in TIFF_SUFFIXES:
+        return _above_plain_image_limit(path)
     if suffix not in SLIDE_SUFFIXES:
         return False
     if suffix not in TIFF_SUFFIXES:
@@ -442,7 +454,7 @@ def _import_ok(module: str) -> bool:
 
 def _open_with(path: Path, backend: str) -> Slide:
     if backend == "image":
-        return Slide(path, "image", _ImageReader(read_image(path)))
+        return Slide(path, "image", _ImageReader(read_image(path, max_pixels=LARGE_IMAGE_MAX_PIXELS)))
     module = {"tiffslide": "tiffslide", "openslide": "openslide"}[backend]
     if not _import_ok(module):
         hint = "pip install tiffslide" if backend == "tiffslide" else "pip install openslide-python openslide-bin"
@@ -499,7 +511,7 @@ def open_slide(path: str | Path, backend: str = "auto") -> Slide:
         return _open_with(path, backend)
     if suffix in OPENSLIDE_ONLY_SUFFIXES:
         return _open_with(path, "openslide")
-    if suffix in IMAGE_SUFFIXES and not is_slide_path(path):
+    if suffix in IMAGE_SUFFIXES and (suffix not in TIFF_SUFFIXES or not is_slide_path(path)):
         return _open_with(path, "image")
     try:
         return _open_with(path, "tiffslide")

@@ -332,3 +332,30 @@ def test_translate_passes_blank_tiles_through_and_names_unreadable_ones(tmp_path
     assert result.exit_code == 1
     error = Manifest.load(tmp_path / "o2").units["bad"]["error"]
     assert "t.png" in error and "stain profile" not in error and "stain profile" not in result.output
+
+
+def test_a_png_above_pillows_limit_is_normalized_as_a_tiled_slide(tmp_path, monkeypatch):
+    """The issue-22 battery: such a PNG was refused with "open it as a slide" and nothing let
+    a user do that. The slide jobs now read it as a one-level slide (a pyramidal TIFF comes
+    out); a plain read still refuses it, saying what reads it."""
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from studio.cli import app
+    from studio.slides import is_slide_path, open_slide
+
+    image = np.ascontiguousarray(load_sample("tiatoolbox_target")[:512, :640])
+    src = tmp_path / "big.png"
+    write_image(src, image)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)  # 512 x 640 = 327,680 px: "too large"
+    with pytest.raises(InputError, match="read it as a tiled slide"):
+        read_image(src)
+    assert is_slide_path(src)
+    slide = open_slide(src)
+    assert slide.dimensions == (640, 512)
+    result = CliRunner().invoke(app, ["normalize", str(src), "--method", "reinhard", "--reference",
+                                      "tiatoolbox_target", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    out = open_slide(tmp_path / "out" / "big.tif")
+    assert out.dimensions == (640, 512)
+    assert Image.MAX_IMAGE_PIXELS == 100_000  # the raised limit was for that one read only
