@@ -114,6 +114,10 @@ def _with_generated(rows: dict[str, Row], pipe, encoder, b: np.ndarray, groups_b
     if pipe is None:
         return rows
     size = b.shape[1]
+    with torch.no_grad():  # the ceiling: no denoiser can look more real than its VAE's decoder
+        x = to_tensor(b).to(pipe.vae.device, pipe.vae.dtype) * 2 - 1
+        recon = ((pipe.vae.decode(pipe.vae.encode(x).latent_dist.mode()).sample.float().cpu() + 1) / 2).clamp(0, 1)
+    rows["the model's VAE reconstructing B (decoder ceiling)"] = Row(to_uint8(recon), groups_b, sources_b)
     grid = pipe.conditioner.grid_for(size, size)
     tokens = torch.cat([encoder.embed(to_tensor(b[i:i + 1]), grid=grid) for i in range(len(b))])
     generated = generate_for(pipe, tokens, size, steps, guidance, seed=seed + 500)
