@@ -415,21 +415,13 @@ class SegmentTransform:
 
 
 def resolve_device(device: str | None) -> str:
-    """``auto`` -> CUDA when present, else CPU; a CUDA device that is not there is a one-line error."""
-    try:  # the studio-wide resolver, when present
-        from studio.devices import resolve_device as studio_resolve  # type: ignore[import-not-found]
-    except ImportError:
-        studio_resolve = None
-    if studio_resolve is not None:
-        return str(studio_resolve(device))
-    import torch
+    """``auto`` -> CUDA when present, else CPU; a CUDA device that is not there is a one-line error.
 
-    name = (device or "auto").strip().lower()
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("--device", f"{device}: CUDA is not available here; use --device cpu (or auto)")
-    return name
+    Kept as a name for the jobs that import it; the one resolver is :func:`studio.devices.resolve_device`.
+    """
+    from studio.devices import resolve_device as studio_resolve
+
+    return studio_resolve(device)
 
 
 def create_segment_transform(checkpoint: str, device: str | None = "auto", tta: bool = False, tile_size: int = 256,

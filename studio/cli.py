@@ -250,6 +250,23 @@ def demo(
 
 
 # --------------------------------------------------------------------------- normalize
+def _check_device(device: str) -> str:
+    """The ``--device`` value resolved (auto -> cuda or cpu); a device this machine lacks is a one-line error."""
+    from studio.devices import resolve_device
+
+    return resolve_device(device)
+
+
+def _normalize_device(method: str, device: str) -> str | None:
+    """normalize's device: classical normalizers are not models, so ``auto`` keeps them on the CPU
+    (None: their exact LUT path); a model method (stainfuser) or a named device is resolved."""
+    from studio.stain import NORMALIZERS
+
+    if device.strip().lower() == "auto" and method.lower() in NORMALIZERS:
+        return None
+    return _check_device(device)
+
+
 def _finish_job(report) -> None:
     """The end of every slide job: skipped units, notes, manifest, one summary line; exit 1 on failures."""
     if report.skipped:
@@ -284,7 +301,9 @@ def normalize(
     quality: Annotated[int, typer.Option(help="JPEG quality for output slides.")] = 90,
     batch_size: Annotated[int, typer.Option(help="Tiles per transform call.")] = 16,
     workers: Annotated[int, typer.Option(help="Threads for decoding/encoding images.")] = 2,
-    device: Annotated[str | None, typer.Option(help="torch device (cpu, cuda, cuda:1). Default: cpu.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps. auto: CUDA when present for model "
+                                             "methods (stainfuser); classical ones stay on the CPU unless named.")
+                      ] = "auto",
     seed: Annotated[int, typer.Option(help="Seed for sampling the tiles a profile is fitted on.")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Skip units (and files) a previous run finished.")
                       ] = False,
@@ -304,7 +323,8 @@ def normalize(
                       seed=seed, batch_size=batch_size, workers=workers)
     opts.validate()
     units = expand_inputs(inputs, out)
-    transform = create_tile_transform(method, reference=reference, device=device, seed=seed, workers=workers)
+    transform = create_tile_transform(method, reference=reference, device=_normalize_device(method, device),
+                                      seed=seed, workers=workers)
     if save_profile is not None:
         target = getattr(getattr(transform, "normalizer", None), "target", None)
         if target is None:
@@ -336,7 +356,8 @@ def translate(
     mpp: Annotated[float | None, typer.Option(help="Working resolution for slides in microns/pixel "
                                                    "(default: native).")] = None,
     batch_size: Annotated[int, typer.Option(help="Tiles per forward pass.")] = 4,
-    device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
+    device: Annotated[str, typer.Option(help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps.")
+                      ] = "auto",
     resume: Annotated[bool, typer.Option("--resume", help="Skip units a previous run finished.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo everything in an existing output folder.")
                          ] = False,
@@ -348,6 +369,7 @@ def translate(
     from studio.jobs import JobOptions, expand_inputs, run_job
     from studio.progress import RichReporter
 
+    _check_device(device)  # workers resolve it where they run; a missing GPU is refused here, before any work
     spec = translate_spec(stain, checkpoint, model=model, steps=steps, seed=seed, halo=halo, device=device)
     units = expand_inputs(inputs, out)
     opts = JobOptions(fit="slide", tile_size=tile_size, mpp=mpp, compression="jpeg", quality=90, seed=seed,
@@ -403,7 +425,8 @@ def segment(
     mpp: Annotated[float | None, typer.Option(help="Working resolution for slides, microns/pixel "
                                                    "(default: the segmenter's).")] = None,
     tta: Annotated[bool, typer.Option("--tta", help="Average predictions over flips (slower, steadier).")] = False,
-    device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
+    device: Annotated[str, typer.Option(help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps.")
+                      ] = "auto",
     resume: Annotated[bool, typer.Option("--resume", help="Skip inputs a previous run finished.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo everything in an existing output folder.")
                          ] = False,
@@ -415,6 +438,7 @@ def segment(
 
     from pipelines.segment_job import run_segment, segment_spec
 
+    _check_device(device)  # workers resolve it where they run; a missing GPU is refused here, before any work
     spec = segment_spec(checkpoint or _default_checkpoint("nuclei-segmenter"), device=device, tta=tta,
                         tile_size=tile_size, overlap=overlap, mpp=mpp, image_mpp=image_mpp, batch_size=batch_size)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -516,12 +540,13 @@ def embed(
     encoder: Annotated[str, typer.Option(help="builtin, a local model folder, or timm:ARCH:WEIGHTS.")] = "builtin",
     grid: Annotated[str | None, typer.Option(help="Token grid ROWSxCOLS (default: one global token).")] = None,
     size: Annotated[int, typer.Option(help="Images are centre-cropped and resized to SIZE x SIZE first.")] = 256,
-    device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
+    device: Annotated[str, typer.Option(help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps.")
+                      ] = "auto",
 ) -> None:
     """Embed tiles with an SSL encoder into an embeddings file for `generate embedding`."""
     from pipelines.generation import embed_to_file, parse_grid
 
-    path, count = embed_to_file(inputs, out, encoder, parse_grid(grid), size, device)
+    path, count = embed_to_file(inputs, out, encoder, parse_grid(grid), size, _check_device(device))
     console.print(f"wrote {count} embeddings ({grid or 'global'}) to {path}")
 
 
@@ -548,7 +573,8 @@ def generate_embedding(
     scheduler: Annotated[str, typer.Option(help="ddim (default: clipped x0, reliable for the shipped model), dpm or "
                                                 "euler (for v-prediction models).")] = "ddim",
     seed: Annotated[int, typer.Option(help="Seed of the first image (image i uses seed+i).")] = 0,
-    device: Annotated[str, typer.Option(help="torch device (cpu, cuda).")] = "cpu",
+    device: Annotated[str, typer.Option(help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps.")
+                      ] = "auto",
     dtype: Annotated[str, typer.Option(help="float32, bf16 or fp16 (GPU).")] = "float32",
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the UNet (worth it for many images).")
                        ] = False,
@@ -571,7 +597,8 @@ def generate_embedding(
     if n < 1 or steps < 1:
         raise HistostudioError("--n and --steps must be at least 1")
     settings = GenerationSettings(checkpoint=checkpoint or _default_checkpoint("embedding-ldm"), encoder=encoder,
-                                  steps=steps, guidance=guidance, seed=seed, scheduler=scheduler, device=device,
+                                  steps=steps, guidance=guidance, seed=seed, scheduler=scheduler,
+                                  device=_check_device(device),
                                   dtype=dtype, compile=compile)
     with Progress(TextColumn("[bold]sampling"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console) as progress:
