@@ -67,9 +67,9 @@ class C2STResult:
 def as_uint8_tiles(tiles: Any, name: str = "tiles") -> np.ndarray:
     """``(N, H, W, 3)`` uint8 from uint8 HWC arrays or float ``(N, 3, H, W)`` tensors in [0, 1]."""
     if isinstance(tiles, torch.Tensor):
-        if tiles.ndim != 4 or tiles.shape[1] != 3:
-            raise InputError(name, f"float tiles must be (N, 3, H, W), got {tuple(tiles.shape)}")
-        tiles = (tiles.detach().float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        from studio.io import to_uint8
+
+        tiles = to_uint8(tiles)
     tiles = np.asarray(tiles)
     if tiles.ndim != 4 or tiles.shape[-1] != 3:
         raise InputError(name, f"tiles must be (N, H, W, 3), got {tiles.shape}")
