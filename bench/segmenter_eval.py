@@ -118,13 +118,15 @@ def main() -> None:
     parser.add_argument("--phantoms", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path("docs"))
+    parser.add_argument("--tta", choices=("none", "flips", "dihedral"), default="none",
+                        help="test-time augmentation of the segmenter (dihedral: 8 transforms, 8x time)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     from studio.data.phantom_dataset import phantom_samples
 
-    seg = NucleiSegmenter.from_pretrained(args.checkpoint)
-    results: dict = {"checkpoint": args.checkpoint}
+    seg = NucleiSegmenter.from_pretrained(args.checkpoint, tta=False if args.tta == "none" else args.tta)
+    results: dict = {"checkpoint": args.checkpoint, "tta": args.tta}
     rows = []
 
     # 1. the held-out band of the real labelled tile, in one pass

@@ -3,6 +3,7 @@
     python bench/stain.py                     # everything (about 10 minutes on 2 quiet cores)
     python bench/stain.py --quick             # fewer repeats, smaller slide
     python bench/stain.py --peers-venv PATH   # staintools (spams) in its own venv, see below
+    python bench/stain.py --sections 5,6 --quick --json docs/slide_job_speed.json   # slide-job speed only
 
 What it measures (medians over repeats, 2 torch threads, the same real 256x256 tiles for
 every method: crops of the four shipped H&E samples):
@@ -19,9 +20,21 @@ every method: crops of the four shipped H&E samples):
    author-reported CPU rates are in ../shared/REFERENCES.md);
 4. robustness: which methods raise on white, black, near-empty and pen-marked tiles;
 5. a folder of 512 PNG tiles, whole process (decode, normalize, encode): ``normalize``'s
-   job vs a torchstain loop, both writing PNG with the same zlib level;
-6. the slide job end to end on a generated slide of real tissue: MPix/s against the bare
-   kernel, and peak RSS (measured in a child process).
+   job (reads, transform and writes pipelined over a small thread pool) vs a torchstain
+   loop, both writing PNG with the same zlib level;
+6. the slide job end to end on a generated slide of real tissue (JPEG q90 in and out), in
+   a child process each, against:
+   * the **codec-only pass**: the same slide through the same pipelined reader
+     (:func:`studio.slides.read_tiles`, its thread pool) into the same pipelined pyramid
+     writer (:func:`studio.slides.write_pyramid`, same tile size, codec, quality, levels),
+     with no transform -- all the job's decoding and encoding and nothing else;
+   * the bare level-0 codec pass: every tile decoded and re-encoded (``imagecodecs``, a
+     thread pool), no pyramid, no file -- a floor the job cannot reach;
+   * the same job with every pool replaced by in-order, one-at-a-time execution (what
+     the pipelining buys);
+   * the bare lookup-table kernel; and peak RSS.
+   Each pass also reports its CPU seconds (all threads): on a shared machine the
+   wall-clock ratio moves with other load, the CPU ratio much less.
 """
 
 from __future__ import annotations
@@ -260,31 +273,86 @@ SLIDE_CHILD = r"""
 import json, resource, sys, time
 sys.path.insert(0, sys.argv[3])
 import torch
-torch.set_num_threads(2)
+torch.set_num_threads(int(sys.argv[5]))
+import imagecodecs
+from concurrent.futures import Future, ThreadPoolExecutor
+import studio.jobs as J, studio.slides as S
 from studio.jobs import JobOptions, expand_inputs, run_job
 from studio.transforms import create_tile_transform
-slide, out = sys.argv[1], sys.argv[2]
+slide, out, mode = sys.argv[1], sys.argv[2], sys.argv[4]
+opts = JobOptions()
+
+
+class Inline:  # every task run when submitted, in order: the serial reference
+    def __init__(self, *a, **k): pass
+    def submit(self, fn, *a, **k):
+        f = Future(); f.set_result(fn(*a, **k)); return f
+    def map(self, fn, *its): return [fn(*a) for a in zip(*its)]
+    def shutdown(self, *a, **k): pass
+    def __enter__(self): return self
+    def __exit__(self, *e): pass
+
+
+class Ok:
+    ok = True
+
+
+if mode == "serial":
+    S.ThreadPoolExecutor = J.ThreadPoolExecutor = Inline
 transform = create_tile_transform("macenko", reference="tiatoolbox_target")
-start = time.perf_counter()
-report = run_job(expand_inputs([slide], out), transform, out, JobOptions(), overwrite=True)
-sec = time.perf_counter() - start
+start, cpu0 = time.perf_counter(), time.process_time()
+if mode in ("job", "serial"):
+    report = run_job(expand_inputs([slide], out), transform, out, opts, overwrite=True)
+elif mode == "codec":  # the job's reading and writing, same pools, no transform
+    with S.open_slide(slide) as s:
+        grid = S.tile_grid(s, tile_size=opts.tile_size)
+        tiles = (t for batch, _ in S.read_tiles(s, grid, batch_size=opts.batch_size) for t in batch)
+        S.write_pyramid(out + ".tif", tiles, grid.width, grid.height, tile_size=grid.tile_size,
+                        compression=opts.compression, quality=opts.quality)
+    report = Ok()
+else:  # bare: decode every tile, re-encode it (level 0 only, nothing written)
+    with S.open_slide(slide) as s, ThreadPoolExecutor(2) as pool:
+        grid = S.tile_grid(s, tile_size=opts.tile_size)
+        enc = lambda t: len(imagecodecs.jpeg_encode(t, level=opts.quality, subsampling=(2, 2),
+                                                    colorspace="RGB", outcolorspace="YCBCR"))
+        pending = []
+        for batch, _ in S.read_tiles(s, grid, batch_size=opts.batch_size):
+            pending += [pool.submit(enc, t) for t in batch]
+            while len(pending) > 64:
+                pending.pop(0).result()
+        [f.result() for f in pending]
+    report = Ok()
+sec, cpu = time.perf_counter() - start, time.process_time() - cpu0  # cpu: every thread of the process
 # VmHWM is this process's own peak; ru_maxrss can carry the parent's across fork+exec.
 hwm = [line for line in open("/proc/self/status") if line.startswith("VmHWM")]
 peak = int(hwm[0].split()[1]) / 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({"seconds": sec, "ok": report.ok, "peak_rss_mb": peak}))
+print(json.dumps({"seconds": sec, "cpu_s": cpu, "ok": report.ok, "peak_rss_mb": peak}))
 """
 
 
-def bench_slide_job(workdir: Path, side: int) -> list[dict]:
+def bench_slide_job(workdir: Path, side: int, repeats: int = 1, threads: int = 2) -> list[dict]:
     from studio.slides import open_slide, read_tiles, tile_grid, write_mosaic_slide
 
     slide = write_mosaic_slide(workdir / "mosaic.tif", side, side, seed=0)
-    res = subprocess.run([sys.executable, "-c", SLIDE_CHILD, str(slide), str(workdir / "slide_out"), str(ROOT)],
-                         capture_output=True, text=True)
-    if res.returncode:
-        raise RuntimeError(res.stderr)
-    job = json.loads(res.stdout.strip().splitlines()[-1])
     mpix = side * side / 1e6
+
+    def child(mode: str) -> dict:
+        res = subprocess.run([sys.executable, "-c", SLIDE_CHILD, str(slide), str(workdir / f"slide_{mode}"),
+                              str(ROOT), mode, str(threads)], capture_output=True, text=True)
+        if res.returncode:
+            raise RuntimeError(res.stderr)
+        return json.loads(res.stdout.strip().splitlines()[-1])
+
+    # interleaved repeats, median per mode: the machine is shared, its load drifts
+    modes = ("job", "codec", "bare", "serial")
+    runs: dict[str, list[dict]] = {m: [] for m in modes}
+    for _ in range(repeats):
+        for m in modes:
+            runs[m].append(child(m))
+    med = {m: statistics.median(r["seconds"] for r in runs[m]) for m in modes}
+    cpu = {m: statistics.median(r["cpu_s"] for r in runs[m]) for m in modes}
+    job = {"seconds": med["job"], "peak_rss_mb": max(r["peak_rss_mb"] for r in runs["job"]),
+           "ok": all(r["ok"] for r in runs["job"])}
     # The bare kernel on the same pixels: read every tile, LUT-transform, no writing.
     norm = get_normalizer("macenko")
     norm.fit(load_sample("tiatoolbox_target"))
@@ -296,43 +364,64 @@ def bench_slide_job(workdir: Path, side: int) -> list[dict]:
         tiles = [t for batch, _ in sample for t in batch]
         kernel = timed(lambda: [lut.apply(t) for t in tiles], 3)
         kernel_mpix = sum(t.shape[0] * t.shape[1] for t in tiles) / 1e6 / kernel
-    return [{"slide": f"{side}x{side} real-tissue mosaic ({mpix:.0f} MPix)",
-             "job_mpix_per_s": round(mpix / job["seconds"], 1), "kernel_mpix_per_s": round(kernel_mpix, 1),
-             "job_over_kernel": round(mpix / job["seconds"] / kernel_mpix, 2),
-             "peak_rss_mb": round(job["peak_rss_mb"]), "seconds": round(job["seconds"], 1)}]
+    rate = {m: mpix / med[m] for m in modes}
+    names = {"job": "normalize job (macenko --fit slide), pipelined",
+             "serial": "the same job, every pool run in order one task at a time",
+             "codec": "codec-only pass: same reader + pyramid writer, no transform",
+             "bare": "bare codec pass: decode + re-encode level-0 tiles, no pyramid, no file"}
+    rows = [{"pass": names[m], "mpix_per_s": round(rate[m], 1), "seconds": round(med[m], 2),
+             "job_over_this": round(rate["job"] / rate[m], 2), "cpu_s": round(cpu[m], 2),
+             "job_over_this_by_cpu": round(cpu[m] / cpu["job"], 2)} for m in modes]
+    rows.append({"pass": "bare lookup-table kernel (1 thread)", "mpix_per_s": round(kernel_mpix, 1),
+                 "job_over_this": round(rate["job"] / kernel_mpix, 2)})
+    rows[0].update(peak_rss_mb=round(job["peak_rss_mb"]), ok=job["ok"])
+    for r in rows:
+        r["slide"] = f"{side}x{side} ({mpix:.0f} MPix), {repeats} run(s), median"
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, smaller slide (a few minutes)")
     parser.add_argument("--peers-venv", type=Path, default=None)
     parser.add_argument("--tiles", type=int, default=256)
     parser.add_argument("--slide-side", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 on a shared machine)")
+    parser.add_argument("--sections", default="1,2,3,4,5,6", help="which of the numbered sections to run")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    sections = {int(x) for x in args.sections.split(",") if x.strip()}
+    torch.set_num_threads(args.threads)
     repeats = 3 if args.quick else 5
     tiles = real_tiles(64 if args.quick else args.tiles)
     reference = np.ascontiguousarray(load_sample("tiatoolbox_target")[:512, :512])
-    results = {}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {len(tiles)} real 256x256 tiles")
-    per_tile, slide, _ = bench_kernels(tiles, reference, repeats)
-    print_table("per-tile fitting (torchstain's work), median", per_tile)
-    print_table("slide-level profile (fixed source), median", slide)
-    peers = bench_peers(args.peers_venv, tiles, reference, 1 if args.quick else 3)
-    print_table("staintools (separate venv, one tile at a time)", peers)
-    robust = bench_robustness(reference)
-    print_table("robustness on bad tiles", robust)
+    results: dict[str, object] = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                                  "cpus": os.cpu_count(), "quick": args.quick}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+          f"{len(tiles)} real 256x256 tiles")
+    if sections & {1, 2}:
+        per_tile, slide, _ = bench_kernels(tiles, reference, repeats)
+        print_table("per-tile fitting (torchstain's work), median", per_tile)
+        print_table("slide-level profile (fixed source), median", slide)
+        results.update(per_tile=per_tile, slide_level=slide)
+    if 3 in sections:
+        results["staintools"] = peers = bench_peers(args.peers_venv, tiles, reference, 1 if args.quick else 3)
+        print_table("staintools (separate venv, one tile at a time)", peers)
+    if 4 in sections:
+        results["robustness"] = robust = bench_robustness(reference)
+        print_table("robustness on bad tiles", robust)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = bench_folder(tiles, reference, Path(tmp), 1 if args.quick else 3)
-        print_table("a folder of 512 PNG tiles, whole process", folder)
-        side = args.slide_side or (4096 if args.quick else 16384)
-        job = bench_slide_job(Path(tmp), side)
-        print_table("slide job end to end (child process)", job)
-    results = {"per_tile": per_tile, "slide_level": slide, "staintools": peers, "robustness": robust,
-               "folder": folder, "slide_job": job, "peak_rss_mb_bench": round(
-                   resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+        if 5 in sections:
+            results["folder"] = folder = bench_folder(tiles, reference, Path(tmp), 1 if args.quick else 3)
+            print_table("a folder of 512 PNG tiles, whole process", folder)
+        if 6 in sections:
+            side = args.slide_side or (8192 if args.quick else 16384)
+            results["slide_job"] = job = bench_slide_job(Path(tmp), side, repeats=1 if args.quick else 3,
+                                                         threads=args.threads)
+            print_table("slide job end to end (a child process per pass)", job)
+    results["peak_rss_mb_bench"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 
 

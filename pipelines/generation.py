@@ -148,11 +148,9 @@ def load_generation_pipeline(settings: GenerationSettings):
                    else {"timestep_spacing": "leading", "steps_offset": 1})  # zero terminal SNR starts at t = 999
         pipe.scheduler = schedulers[settings.scheduler].from_config(config, **spacing)
     pipe.to(settings.device)
-    if settings.device.startswith("cuda"):
-        try:
-            pipe.enable_xformers_memory_efficient_attention()
-        except Exception:
-            pass  # PyTorch SDPA (the default attention) is used instead
+    from studio.devices import enable_fast_attention
+
+    enable_fast_attention(pipe, settings.device)  # xformers when installed on CUDA, else torch SDPA
     if settings.compile:
         pipe.unet = torch.compile(pipe.unet, dynamic=False)  # first call compiles (slow), later ones are fast
     return pipe
@@ -173,6 +171,14 @@ def embedding_encoder_for(settings: GenerationSettings):
     return load_encoder(spec, device=settings.device)
 
 
+def _autocast(settings: GenerationSettings):
+    """bf16/fp16 autocast on CUDA for a float32 pipeline (:func:`studio.devices.autocast_context`);
+    a no-op on the CPU, and when ``--dtype`` already loaded the weights in half precision."""
+    from studio.devices import autocast_context
+
+    return autocast_context(settings.device, enabled=settings.dtype == "float32")
+
+
 def generate(pipe, embeddings: torch.Tensor, height: int, width: int, grid: tuple[int, int] | None,
              settings: GenerationSettings, seed: int, step: Step | None = None, total: int = 0, done: int = 0
              ) -> np.ndarray:
@@ -184,9 +190,11 @@ def generate(pipe, embeddings: torch.Tensor, height: int, width: int, grid: tupl
                 step(done + i * settings.steps + k + 1, total)
             return kwargs
 
-        out = pipe(embeddings[i:i + 1], height=height, width=width, grid=grid, num_inference_steps=settings.steps,
-                   guidance_scale=settings.guidance, generator=torch.Generator().manual_seed(seed + i),
-                   output_type="np", progress=False, callback_on_step_end=tick)
+        with _autocast(settings):
+            out = pipe(embeddings[i:i + 1], height=height, width=width, grid=grid,
+                       num_inference_steps=settings.steps, guidance_scale=settings.guidance,
+                       generator=torch.Generator().manual_seed(seed + i), output_type="np", progress=False,
+                       callback_on_step_end=tick)
         images.append((out.images[0] * 255 + 0.5).astype(np.uint8))
     return np.stack(images)
 
@@ -247,9 +255,10 @@ def run_large(source: str, size: tuple[int, int], grid: tuple[int, int], out: Pa
                 step(i * settings.steps + k + 1, n * settings.steps)
             return kwargs
 
-        out = pipe(tokens[i:i + 1], height=height, width=width, grid=grid, num_inference_steps=settings.steps,
-                   guidance_scale=settings.guidance, generator=torch.Generator().manual_seed(settings.seed + i),
-                   window=window, output_type="np", progress=False, callback_on_step_end=tick)
+        with _autocast(settings):
+            out = pipe(tokens[i:i + 1], height=height, width=width, grid=grid, num_inference_steps=settings.steps,
+                       guidance_scale=settings.guidance, generator=torch.Generator().manual_seed(settings.seed + i),
+                       window=window, output_type="np", progress=False, callback_on_step_end=tick)
         return (out.images[0] * 255 + 0.5).astype(np.uint8)
 
     start = time.perf_counter()

@@ -56,6 +56,7 @@ class RareRequest:
     tissue: str = "tumor"  # phantom preset when labels == "phantom"; "home": where the classes live
     split: str = "train"  # hgsc_nest band when labels == "hgsc_nest"
     overwrite: bool = False
+    device: str = "auto"  # auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps
 
 
 def mask_agreement(image: np.ndarray, inst: np.ndarray, ring: int = 3, margin: float = 0.05) -> float:
@@ -138,11 +139,13 @@ def generate_rare(req: RareRequest, on_step: Step | None = None, log: Callable[[
     from pipelines.mask_to_image import MaskToImagePipeline
     from studio.data.base import NucleiSample
     from studio.data.registry import open_dataset, write_dataset
+    from studio.devices import autocast_context, enable_fast_attention, resolve_device
     from studio.io import atomic_write_text, to_uint8
     from studio.layouts import LayoutEditor, LayoutSource, home_tissue
 
     out = Path(req.out)
     _check_options(req)  # before loading anything
+    device = resolve_device(req.device)  # a missing GPU is a one-line error before the model loads
     if out.exists() and not req.overwrite:
         raise OutputError(out, "already exists; pass --overwrite to replace it")
     if not Path(req.checkpoint).exists():
@@ -151,7 +154,8 @@ def generate_rare(req: RareRequest, on_step: Step | None = None, log: Callable[[
         raise WeightsError(req.checkpoint, "no mask-conditioned checkpoint here; train one with python -m "
                                            "training.controlnet --config training/recipes/controlnet.yaml "
                                            "(it needs checkpoints/embedding-ldm as its base) or pass --checkpoint")
-    pipe = MaskToImagePipeline.from_pretrained(req.checkpoint)
+    pipe = MaskToImagePipeline.from_pretrained(req.checkpoint).to(device)
+    enable_fast_attention(pipe, device)  # xformers when installed on CUDA, else torch SDPA
     classes = pipe.classes
     codes = _check_request(req, classes)
     tissue = home_tissue([classes[c] for c in codes]) if req.tissue == "home" else req.tissue
@@ -179,9 +183,11 @@ def generate_rare(req: RareRequest, on_step: Step | None = None, log: Callable[[
                                                 f"into {req.size}x{req.size} patches of {req.labels} in 50 tries")
             layouts.append(lay)
         seeds = [req.seed * 1_000_003 + generated + i for i in range(n)]
-        images = pipe([(lay.inst, lay.cls) for lay in layouts], num_inference_steps=req.steps,
-                      guidance_scale=req.guidance_scale, generator=[torch.Generator().manual_seed(s) for s in seeds],
-                      output_type="pt", progress=False).images
+        with autocast_context(device):  # bf16/fp16 on CUDA, a no-op (exact fp32) on the CPU
+            images = pipe([(lay.inst, lay.cls) for lay in layouts], num_inference_steps=req.steps,
+                          guidance_scale=req.guidance_scale,
+                          generator=[torch.Generator().manual_seed(s) for s in seeds],
+                          output_type="pt", progress=False).images.float()
         for lay, image, seed in zip(layouts, to_uint8(images), seeds, strict=True):
             score = mask_agreement(image, lay.inst)
             scores_all.append(score)
@@ -214,7 +220,7 @@ def generate_rare(req: RareRequest, on_step: Step | None = None, log: Callable[[
             raise OutputError(out, f"the written dataset reads back with class counts {written}, expected "
                                    f"{expected}; nothing was written")
         provenance = {
-            "request": asdict(req), "checkpoint": str(Path(req.checkpoint).resolve()),
+            "request": asdict(req), "device": device, "checkpoint": str(Path(req.checkpoint).resolve()),
             "checkpoint_digest": pipeline_digest(req.checkpoint),
             **({"phantom_tissue": tissue} if req.labels == "phantom" else {}),
             "classes": {str(k): v for k, v in classes.items()}, "shape_statistics": stats.to_dict(),

@@ -518,6 +518,7 @@ def run_segment(
     from studio.jobs import JobOptions, run_job
 
     units = segment_units(inputs, out)
+    _check_unmanaged_run(Path(out), overwrite=overwrite and not resume)
     report = run_job(units, transform, out, JobOptions(batch_size=batch_size), command="segment", resume=resume,
                      overwrite=overwrite and not resume, executor=executor, scheduler=scheduler,
                      reporter=_EventReporter(progress, units))
@@ -529,6 +530,38 @@ def run_segment(
             written.extend((f"{unit.id} {k}", f) for k, f in zip(kinds, unit.output_files(), strict=True))
     written.append(("summary", Path(out) / SUMMARY))
     return written, report
+
+
+def _check_unmanaged_run(out: Path, *, overwrite: bool) -> None:
+    """Refuse an output folder holding a segment run from before the job manifest.
+
+    Such a folder has ``summary.csv`` (and maps per image) but no ``manifest.json``, so the
+    runner would see an empty folder: it would replace ``summary.csv`` and leave the earlier
+    images' files behind, unlisted. ``--resume`` cannot continue it (nothing records what
+    finished); ``--overwrite`` removes the files its summary lists, then runs afresh.
+    """
+    from studio.jobs import MANIFEST
+
+    summary = out / SUMMARY
+    if not summary.is_file() or (out / MANIFEST).exists():
+        return
+    if not overwrite:
+        raise InputError(out, f"already holds a segment run from before the job manifest ({SUMMARY}, no "
+                              f"{MANIFEST}); --resume cannot continue it: pass --overwrite to redo it or use "
+                              "another --out")
+    try:
+        with summary.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(summary, f"cannot be read to remove the earlier run's files ({exc}); remove the folder "
+                                  "or use another --out") from exc
+    for row in rows:
+        name = (row.get("name") or "").strip()
+        if not name or Path(name).name != name or name in (".", ".."):  # never a path outside the folder
+            continue
+        for file in output_files(name, "slide" if row.get("kind") == "slide" else "image", out):
+            file.unlink(missing_ok=True)
+    summary.unlink(missing_ok=True)
 
 
 def segment_inputs(

@@ -453,6 +453,41 @@ def _find_objects(inst: np.ndarray, n: int) -> list[tuple[slice, slice]]:
     return ndi.find_objects(inst, max_label=n)
 
 
+# =========================================================================== test-time augmentation
+# (k, flip): rot90 by k quarter turns (torch.rot90 over (H, W)), then a left-right flip.
+_DIHEDRAL = tuple((k, flip) for flip in (False, True) for k in range(4))
+_FLIPS = ((0, False), (0, True), (2, True), (2, False))  # identity, left-right, up-down, both (= rot180)
+TTA_TRANSFORMS: dict[Any, tuple[tuple[int, bool], ...]] = {
+    False: ((0, False),), None: ((0, False),), True: _DIHEDRAL, "dihedral": _DIHEDRAL, "flips": _FLIPS,
+}
+
+
+def _dihedral(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
+    """Rotate the last two (H, W) axes by ``k`` quarter turns, then flip left-right."""
+    x = torch.rot90(x, k, dims=(-2, -1)) if k % 4 else x
+    return x.flip(-1) if flip else x
+
+
+def _undo_dihedral(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
+    """Inverse of :func:`_dihedral` for maps of scalars (NP, TP)."""
+    x = x.flip(-1) if flip else x
+    return torch.rot90(x, -k, dims=(-2, -1)) if k % 4 else x
+
+
+def _undo_dihedral_hv(hv: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
+    """Inverse of :func:`_dihedral` for ``(B, 2, H, W)`` HV maps (channel 0 = x offset, 1 = y offset).
+
+    The HV maps are vector fields: a left-right flip negates the x offset, and one quarter
+    turn of the image (torch.rot90, k=1) maps offsets ``(h, v)`` to ``(v, -h)``; undoing
+    it maps them to ``(-v, h)``. Moving only the pixels would point every offset wrong.
+    """
+    if flip:
+        hv = torch.stack([-hv[:, 0], hv[:, 1]], dim=1).flip(-1)
+    for _ in range(k % 4):
+        hv = torch.rot90(torch.stack([-hv[:, 1], hv[:, 0]], dim=1), -1, dims=(-2, -1))
+    return hv
+
+
 # =========================================================================== inference wrapper
 class NucleiSegmenter:
     """Inference with a :class:`HoVerNetLite`: raw maps for tiles, labels for any image.
@@ -460,7 +495,10 @@ class NucleiSegmenter:
     Args:
         model: the network (put in eval mode).
         device: where it runs (default: the model's device).
-        tta: average predictions over horizontal, vertical and double flips (4x slower).
+        tta: test-time augmentation of :meth:`predict` (so of :meth:`segment`): ``True`` or
+            ``"dihedral"`` averages the NP/HV/TP maps over the 8 rotations x flips of each
+            tile (8x the network time), ``"flips"`` over identity + 3 flips (4x), ``False``
+            none. HV maps are mapped back with their vectors rotated, not only their pixels.
         postprocess: HoVer-Net thresholds; default :meth:`PostprocessConfig.for_mpp` of the
             model's training resolution.
     """
@@ -471,6 +509,8 @@ class NucleiSegmenter:
         if device is not None:
             self.model.to(device)
         self.device = next(self.model.parameters()).device
+        if tta not in TTA_TRANSFORMS:
+            raise InputError("tta", f"{tta!r}; use False, True / 'dihedral' (8 transforms) or 'flips' (4)")
         self.tta = tta
         self.num_classes = int(model.config.num_classes)
         self.class_names = {i + 1: str(n) for i, n in enumerate(model.config.class_names)} if self.num_classes \
@@ -494,10 +534,13 @@ class NucleiSegmenter:
 
     # ------------------------------------------------------------------ raw maps
     def _forward(self, tiles: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = self.model(tiles)
-        maps = {"np": out.np_logits.softmax(dim=1)[:, 1], "hv": out.hv}
+        from studio.devices import autocast_context
+
+        with autocast_context(self.device):  # bf16/fp16 on CUDA, a no-op (exact fp32) on the CPU
+            out = self.model(tiles)
+        maps = {"np": out.np_logits.float().softmax(dim=1)[:, 1], "hv": out.hv.float()}
         if out.tp_logits is not None:
-            maps["tp"] = out.tp_logits.softmax(dim=1)
+            maps["tp"] = out.tp_logits.float().softmax(dim=1)
         return maps
 
     @torch.no_grad()
@@ -516,20 +559,15 @@ class NucleiSegmenter:
             raise InputError("tiles", f"dtype {tiles.dtype}; expected float in [0, 1] (use studio.io.to_tensor)")
         x = tiles.to(self.device, torch.float32)
         maps = self._forward(x)
-        if self.tta:
-            flips = [(-1,), (-2,), (-2, -1)]
-            for dims in flips:
-                m = self._forward(x.flip(dims))
-                hv = m["hv"].flip(dims)
-                if -1 in dims:
-                    hv[:, 0] = -hv[:, 0]
-                if -2 in dims:
-                    hv[:, 1] = -hv[:, 1]
-                maps["np"] += m["np"].flip(dims)
-                maps["hv"] += hv
-                if "tp" in maps:
-                    maps["tp"] += m["tp"].flip(dims)
-            maps = {k: v / (len(flips) + 1) for k, v in maps.items()}
+        transforms = TTA_TRANSFORMS[self.tta]
+        for k, flip in transforms[1:]:
+            m = self._forward(_dihedral(x, k, flip))
+            maps["np"] += _undo_dihedral(m["np"], k, flip)
+            maps["hv"] += _undo_dihedral_hv(m["hv"], k, flip)
+            if "tp" in maps:
+                maps["tp"] += _undo_dihedral(m["tp"], k, flip)
+        if len(transforms) > 1:
+            maps = {name: v / len(transforms) for name, v in maps.items()}
         return {k: v.float().cpu() for k, v in maps.items()}
 
     # ------------------------------------------------------------------ labels

@@ -213,8 +213,28 @@ class StainFuserPipeline(LocalPipeline, DiffusionPipeline):
     def size_multiple(self) -> int:
         return self.latent_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
 
+    def _amp(self):
+        """Autocast for the model calls (bf16/fp16 on CUDA, a no-op on the CPU: exact fp32 there);
+        colour maths stays outside it (:func:`studio.devices.autocast_context`)."""
+        from studio.devices import autocast_context
+
+        return autocast_context(self.device)
+
+    def _encode(self, tiles: torch.Tensor) -> torch.Tensor:
+        """RGB [0, 1] -> scaled latents (posterior mean), in the tiles' dtype."""
+        with self._amp():
+            latents = self.vae.encode(tiles * 2 - 1).latent_dist.mode()
+        return latents.to(tiles.dtype) * self.vae.config.scaling_factor
+
+    def _unet(self, sample: torch.Tensor, t, style: torch.Tensor) -> torch.Tensor:
+        """One UNet prediction, returned in the sample's dtype."""
+        with self._amp():
+            return self.unet(sample, t, class_labels=style).sample.to(sample.dtype)
+
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return ((self.vae.decode(latents / self.vae.config.scaling_factor).sample + 1) / 2).clamp(0, 1).float()
+        with self._amp():
+            image = self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        return ((image.float() + 1) / 2).clamp(0, 1)
 
     @property
     def prior(self) -> str:
@@ -294,19 +314,18 @@ class StainFuserPipeline(LocalPipeline, DiffusionPipeline):
         blank = (tissue < MIN_TISSUE).tolist()
         stats = self.reference_stats(reference)
         style = self.style(stats).expand(b, -1)
-        scale = self.vae.config.scaling_factor
-        src = self.vae.encode(x * 2 - 1).latent_dist.mode() * scale
+        src = self._encode(x)
         cond, start_latent = src, src
         if self.prior == "reinhard":
             if prior_target is None:
                 is_stats = isinstance(reference, torch.Tensor) and reference.ndim == 1
                 prior_target = reference_lab_profile(reference) if is_stats else reinhard_target(reference)
             prior = reinhard_prior(x.float(), prior_target, prior_source).to(x.dtype)
-            start_latent = self.vae.encode(prior * 2 - 1).latent_dist.mode() * scale
+            start_latent = self._encode(prior)
             cond = torch.cat([src, start_latent], 1)
         if self.config.mode == "regressor":
             t0 = torch.zeros(b, device=self.device, dtype=torch.long)
-            latents = self.unet(torch.cat([start_latent, cond], 1), t0, class_labels=style).sample
+            latents = self._unet(torch.cat([start_latent, cond], 1), t0, style)
             if self.prior != "none":
                 latents = start_latent + latents  # a residual on the classical estimate
         else:
@@ -319,7 +338,7 @@ class StainFuserPipeline(LocalPipeline, DiffusionPipeline):
                                  for oy, ox in origins]).to(src)
             latents = self.scheduler.add_noise(start_latent, noise, timesteps[:1].repeat(b))
             for t in timesteps:
-                eps = self.unet(torch.cat([latents, cond], 1), t, class_labels=style).sample
+                eps = self._unet(torch.cat([latents, cond], 1), t, style)
                 latents = self.scheduler.step(eps, t, latents, eta=0.0).prev_sample
         out = self._decode(latents)
         if detail == "source" and self.prior != "none":
@@ -393,10 +412,15 @@ class StainFuserTransform:
                 "halo": self.halo, "detail": self.detail}
 
 
-def create_tile_transform(reference: str | Path | None = None, device: str | None = None, seed: int = 0,
+def create_tile_transform(reference: str | Path | None = None, device: str | None = "auto", seed: int = 0,
                           checkpoint: str | Path | None = None, steps: int = 6, strength: float = 0.6,
                           halo: int = 32, detail: str = "source", **_: Any) -> StainFuserTransform:
-    """Entry point ``histostudio.tile_transforms: stainfuser`` (see :mod:`studio.transforms`)."""
+    """Entry point ``histostudio.tile_transforms: stainfuser`` (see :mod:`studio.transforms`).
+
+    ``device`` is resolved here, on the machine that runs the transform (a Dask worker resolves
+    ``auto`` to its own GPU), through :func:`studio.devices.resolve_device`; None means ``auto``.
+    """
+    from studio.devices import enable_fast_attention, resolve_device
     from studio.info import checkpoints_dir
     from studio.io import to_tensor
     from studio.transforms import load_reference_images
@@ -408,7 +432,9 @@ def create_tile_transform(reference: str | Path | None = None, device: str | Non
     if not folder.exists():
         raise WeightsError(folder, "no such pipeline folder: train the diffusion normalizer with python -m "
                                    "training.stain_fuser --config training/recipes/stain_fuser.yaml")
-    pipe = StainFuserPipeline.from_pretrained(folder).to(device or "cpu")
+    device = resolve_device(device)  # before any loading: a missing GPU is a one-line error, not a traceback
+    pipe = StainFuserPipeline.from_pretrained(folder).to(device)
+    enable_fast_attention(pipe, device)  # xformers when installed on CUDA, else torch SDPA
     images = load_reference_images(reference)
     stats = torch.stack([reference_statistics(to_tensor(np.ascontiguousarray(im))) for im in images]).mean(0)
     prior_target = reinhard_target(images) if pipe.prior == "reinhard" else None

@@ -191,12 +191,33 @@ class VirtualIHCPipeline(LocalPipeline, DiffusionPipeline):
         f = 2 ** (len(self.vae.config.block_out_channels) - 1) * 2 ** (len(self.unet.config.block_out_channels) - 1)
         return f if self.diffusion_prior == "none" else max(f, self.generator.factor)
 
+    def _amp(self):
+        """Autocast for the model calls (bf16/fp16 on CUDA, a no-op on the CPU: exact fp32 there);
+        colour maths stays outside it (:func:`studio.devices.autocast_context`)."""
+        from studio.devices import autocast_context
+
+        return autocast_context(self.device)
+
     def encode(self, tiles: torch.Tensor) -> torch.Tensor:
         """RGB [0, 1] -> scaled latents (posterior mean: the condition is deterministic)."""
-        return self.vae.encode(tiles * 2 - 1).latent_dist.mode() * self.vae.config.scaling_factor
+        with self._amp():
+            latents = self.vae.encode(tiles * 2 - 1).latent_dist.mode()
+        return latents.to(self.vae.dtype) * self.vae.config.scaling_factor
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return ((self.vae.decode(latents / self.vae.config.scaling_factor).sample + 1) / 2).clamp(0, 1)
+        with self._amp():
+            image = self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        return ((image.to(self.vae.dtype) + 1) / 2).clamp(0, 1)
+
+    def _fast(self, x: torch.Tensor) -> torch.Tensor:
+        """The fast translator's image of H&E tiles ``x``."""
+        with self._amp():
+            return self.generator(x.to(self.generator.dtype)).to(self.generator.dtype)
+
+    def _unet(self, sample: torch.Tensor, t) -> torch.Tensor:
+        """One UNet prediction, returned in the latents' dtype."""
+        with self._amp():
+            return self.unet(sample, t).sample.to(sample.dtype)
 
     @staticmethod
     def as_batch(images) -> torch.Tensor:
@@ -264,7 +285,7 @@ class VirtualIHCPipeline(LocalPipeline, DiffusionPipeline):
         if ph or pw:
             x = F.pad(x, (0, pw, 0, ph), mode="reflect" if min(h, w) > max(ph, pw) else "replicate")
         if model == "fast":
-            out = self.generator(x.to(self.generator.dtype))
+            out = self._fast(x)
         elif self.diffusion_prior == "fast":
             out = self._refine(x, num_inference_steps, strength, generator, detail, progress)
         elif self.diffusion_prior == "residual":
@@ -277,7 +298,7 @@ class VirtualIHCPipeline(LocalPipeline, DiffusionPipeline):
             steps = self.scheduler.timesteps
             for t in self.progress_bar(steps) if progress else steps:
                 model_in = self.scheduler.scale_model_input(latents, t)
-                noise = self.unet(torch.cat([model_in, cond], dim=1), t).sample
+                noise = self._unet(torch.cat([model_in, cond], dim=1), t)
                 latents = self.scheduler.step(noise, t, latents).prev_sample
             out = self.decode(latents)
         out = out[..., :h, :w].float().clamp(0, 1)
@@ -293,7 +314,7 @@ class VirtualIHCPipeline(LocalPipeline, DiffusionPipeline):
     def _prior_start(self, x: torch.Tensor, steps: int, strength: float, generator):
         """What both fast-prior translators start from: the fast image, the H&E and fast
         latents, the last ``strength x steps`` timesteps (at least one) and seeded noise."""
-        prior = self.generator(x.to(self.generator.dtype)).float().clamp(0, 1)
+        prior = self._fast(x).float().clamp(0, 1)
         cond = self.encode(x.to(self.vae.dtype))
         prior_latent = self.encode(prior.to(self.vae.dtype))
         self.scheduler.set_timesteps(steps, device=self.device)
@@ -309,7 +330,7 @@ class VirtualIHCPipeline(LocalPipeline, DiffusionPipeline):
         prior, cond, prior_latent, timesteps, noise = self._prior_start(x, steps, strength, generator)
         latents = self.scheduler.add_noise(prior_latent, noise, timesteps[:1].repeat(len(x)))
         for t in self.progress_bar(timesteps) if progress else timesteps:
-            residual = self.unet(torch.cat([latents, cond, prior_latent], dim=1), t).sample
+            residual = self._unet(torch.cat([latents, cond, prior_latent], dim=1), t)
             latents = self.scheduler.step(prior_latent + residual, t, latents).prev_sample
         return self._finish(prior, prior_latent, latents, detail)
 
@@ -323,7 +344,7 @@ class VirtualIHCPipeline(LocalPipeline, DiffusionPipeline):
             self.scheduler.add_noise(torch.zeros_like(noise), noise, timesteps[:1].repeat(len(x)))
         for t in self.progress_bar(timesteps) if progress else timesteps:
             model_in = self.scheduler.scale_model_input(residual, t)
-            pred = self.unet(torch.cat([model_in, cond, prior_latent], dim=1), t).sample
+            pred = self._unet(torch.cat([model_in, cond, prior_latent], dim=1), t)
             residual = self.scheduler.step(pred, t, residual).prev_sample
         latents = prior_latent + residual * float(self.config.get("residual_scale", 1.0))
         return self._finish(prior, prior_latent, latents, detail)
@@ -375,7 +396,11 @@ def load_virtual_ihc(stain: str, root, device: str = "cpu") -> VirtualIHCPipelin
                                                                   f"{have}); train one with python -m "
                                                                   f"training.virtual_ihc --config "
                                                                   f"training/recipes/virtual_ihc_{stain}.yaml")
-    return VirtualIHCPipeline.from_pretrained(folders[stain]).to(device)
+    from studio.devices import enable_fast_attention
+
+    pipe = VirtualIHCPipeline.from_pretrained(folders[stain]).to(device)
+    enable_fast_attention(pipe, device)  # xformers when installed on CUDA, else torch SDPA
+    return pipe
 
 
 # --------------------------------------------------------------------------- slide job

@@ -424,7 +424,8 @@ def segment(
                                                          "returned on the image's grid.")] = None,
     mpp: Annotated[float | None, typer.Option(help="Working resolution for slides, microns/pixel "
                                                    "(default: the segmenter's).")] = None,
-    tta: Annotated[bool, typer.Option("--tta", help="Average predictions over flips (slower, steadier).")] = False,
+    tta: Annotated[bool, typer.Option("--tta", help="Average predictions over the 8 rotations x flips "
+                                                    "(8x slower, steadier).")] = False,
     device: Annotated[str, typer.Option(help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps.")
                       ] = "auto",
     resume: Annotated[bool, typer.Option("--resume", help="Skip inputs a previous run finished.")] = False,
@@ -480,10 +481,13 @@ def experiment_augment(
     heldout: Annotated[str | None, typer.Option(help="Held-out fraction or dataset folder (default: the "
                                                      "dataset's own split).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing experiment in --out.")] = False,
+    device: Annotated[str, typer.Option(help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps.")
+                      ] = "auto",
 ) -> None:
     """Train the segmenter with and without synthetic data (K seeds, identical splits); report PQ/mPQ+."""
-    from training.experiment import run_augment_experiment
+    from training.experiment import experiment_device, run_augment_experiment
 
+    device = experiment_device(device)  # a missing GPU is refused here, before any data is read or written
     def on_event(event: dict) -> None:
         if event.get("event") == "run_done":
             console.print(f"trained {event.get('variant')} seed {event.get('seed')}")
@@ -491,7 +495,7 @@ def experiment_augment(
     result = run_augment_experiment(real, synthetic, out, seeds=seeds, stain_augment=stain_augment,
                                     tta_normalize=tta_normalize, steps=steps, synthetic_ratio=synthetic_ratio,
                                     scarce_class=scarce_class, scarce_keep=scarce_keep, heldout=heldout,
-                                    overwrite=overwrite, progress=on_event)
+                                    overwrite=overwrite, progress=on_event, device=device)
     for name in ("results.json", "results.md", "results.png"):
         console.print(f"wrote {name}: {out / name}")
     console.print((out / "results.md").read_text() if (out / "results.md").is_file() else result)
@@ -643,6 +647,8 @@ def generate_rare(
                                              "...), where the generator draws them best.")] = "tumor",
     seed: Annotated[int, typer.Option(help="Seed (layouts and noise).")] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")] = False,
+    device: Annotated[str, typer.Option(help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps.")
+                      ] = "auto",
 ) -> None:
     """Generate rare-class nuclei patches as a ready-to-train dataset (labels = conditioning maps)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -653,7 +659,7 @@ def generate_rare(
     req = RareRequest(labels=labels, classes=classes, count=count, out=str(out), format=format,
                       per_patch=per_patch, size=size, checkpoint=checkpoint or _default_checkpoint("mask-ldm"),
                       seed=seed, steps=steps, guidance_scale=guidance, min_agreement=min_agreement,
-                      max_attempts=max_attempts, tissue=tissue, overwrite=overwrite)
+                      max_attempts=max_attempts, tissue=tissue, overwrite=overwrite, device=_check_device(device))
     with Progress(TextColumn("[bold]accepted"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console) as progress:
         task = progress.add_task("generate", total=count)

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import tempfile
+import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +31,46 @@ TIFF_SUFFIXES = (".tif", ".tiff")
 # A plain PNG/JPEG above Pillow's decompression-bomb limit (89 MPix) is read as a one-level
 # slide (studio.slides), tiled, up to this many pixels (3 GiB of RGB in memory).
 LARGE_IMAGE_MAX_PIXELS = 1 << 30
+
+
+# --------------------------------------------------------------------------- tifffile's log
+class _QuietWhileReading(logging.Filter):
+    """Drops tifffile's log records while any of our reads runs (see :func:`quiet_tifffile`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.depth = 0
+        self.lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.depth == 0
+
+
+_TIFF_QUIET = _QuietWhileReading()
+
+
+@contextlib.contextmanager
+def quiet_tifffile() -> Iterator[None]:
+    """Silence tifffile's logger around a read (also usable as a decorator).
+
+    tifffile logs what it tolerates or fails on (``<tifffile.TiffFile ...> shaped series
+    raised TiffFileError(...)``, ``invalid page offset``) through Python logging, whose
+    last-resort handler prints it to stderr above the one-line error the studio raises for
+    the same file. Our reads turn every such problem into that one :class:`InputError`, so
+    the log lines are noise. Outside our reads tifffile's logging is left as it is.
+    """
+    logger = logging.getLogger("tifffile")
+    with _TIFF_QUIET.lock:
+        if _TIFF_QUIET.depth == 0 and _TIFF_QUIET not in logger.filters:
+            logger.addFilter(_TIFF_QUIET)
+        _TIFF_QUIET.depth += 1
+    try:
+        yield
+    finally:
+        with _TIFF_QUIET.lock:
+            _TIFF_QUIET.depth -= 1
+            if _TIFF_QUIET.depth == 0:
+                logger.removeFilter(_TIFF_QUIET)
 
 
 # --------------------------------------------------------------------------- atomic writes
@@ -233,7 +275,8 @@ def read_image(path: str | Path, *, allow_gray: bool = False, max_pixels: int | 
         import tifffile
 
         try:
-            array = tifffile.imread(path, key=0)
+            with quiet_tifffile():
+                array = tifffile.imread(path, key=0)
         except Exception as exc:
             raise InputError(path, f"corrupt or truncated TIFF ({exc})") from exc
     else:

@@ -52,7 +52,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -676,6 +676,17 @@ def _process_tiles(unit: Unit, transform: TileTransform, opts: JobOptions, repor
             failed[path.name] = str(exc)
             return None
 
+    def read_checked(path: Path) -> tuple[np.ndarray | None, str | None, str | None]:
+        """(image, error, conversion) of one file, in a pool thread; errors are recorded
+        by the caller, in file order."""
+        try:
+            image = read_image(path)
+            if check is not None:
+                check(image, str(path))
+        except HistostudioError as exc:
+            return None, str(exc), None
+        return image, None, image_conversion(path)
+
     written = 0
     blanks = [0]
     try:
@@ -691,19 +702,25 @@ def _process_tiles(unit: Unit, transform: TileTransform, opts: JobOptions, repor
                 raise InputError(unit.inputs[0], "no image of this set could be read or was accepted"
                                                  + (f" (e.g. {reasons[0]})" if reasons else ""))
             source = transform.estimate(sample)
+        # A three-stage pipeline over chunks of ``batch_size`` files: chunk k+1 is read and
+        # decoded in the pool while chunk k is transformed here and chunk k-1 is encoded and
+        # written in the pool (PNG/JPEG codecs release the GIL). At most three chunks are
+        # held. Outputs, failures and their order are those of one chunk at a time: a
+        # chunk's read errors, then its write errors, chunk after chunk.
         megapixels = 0.0
-        for start in range(0, len(todo), opts.batch_size):
-            chunk = todo[start:start + opts.batch_size]
-            images = list(pool.map(safe_read, [src for src, _ in chunk]))
-            good = [(c, im) for c, im in zip(chunk, images, strict=True) if im is not None]
-            for (src, _), _im in good:
-                what = image_conversion(src)
-                if what:
-                    converted[src.name] = what
-            results = _apply_batch(transform, [im for _, im in good], source, blanks=blanks) if good else []
-            writes = [pool.submit(_write_like_input, src, dst, res) for ((src, dst), _), res in zip(good, results,
-                                                                                                     strict=True)]
-            for ((src, dst), _), w in zip(good, writes, strict=True):
+        chunks = deque(todo[start:start + opts.batch_size] for start in range(0, len(todo), opts.batch_size))
+
+        def start_reads() -> tuple[list[tuple[Path, Path]], list[Any]] | None:
+            if not chunks:
+                return None
+            chunk = chunks.popleft()
+            return chunk, [pool.submit(read_checked, src) for src, _ in chunk]
+
+        def finish_chunk(chunk: list[tuple[Path, Path]], read_errors: dict[str, str],
+                         writes: list[tuple[Path, Path, Any]], mpix: float) -> None:
+            nonlocal written, megapixels
+            failed.update(read_errors)
+            for src, dst, w in writes:
                 try:
                     w.result()
                     written += 1
@@ -711,8 +728,33 @@ def _process_tiles(unit: Unit, transform: TileTransform, opts: JobOptions, repor
                     if _disk_full(exc, dst):
                         raise
                     failed[src.name] = str(exc)
-            megapixels += sum(im.shape[0] * im.shape[1] for _, im in good) / 1e6
+            megapixels += mpix
             reporter.unit_advanced(unit, len(chunk))
+
+        reading = start_reads()
+        writing: tuple[Any, ...] | None = None
+        while reading is not None:
+            chunk, reads = reading
+            reading = start_reads()  # the next chunk decodes while this one is transformed
+            good, read_errors = [], {}
+            for (src, dst), f in zip(chunk, reads, strict=True):
+                image, error, what = f.result()
+                if error is not None:
+                    read_errors[src.name] = error
+                    continue
+                if what:
+                    converted[src.name] = what
+                good.append(((src, dst), image))
+            results = _apply_batch(transform, [im for _, im in good], source, blanks=blanks) if good else []
+            writes = [(src, dst, pool.submit(_write_like_input, src, dst, res))
+                      for ((src, dst), _), res in zip(good, results, strict=True)]
+            mpix = sum(im.shape[0] * im.shape[1] for _, im in good) / 1e6
+            del good, results
+            if writing is not None:
+                finish_chunk(*writing)
+            writing = (chunk, read_errors, writes, mpix)
+        if writing is not None:
+            finish_chunk(*writing)
     finally:
         pool.shutdown(wait=True)
     result: dict[str, Any] = {"files": len(inputs), "written": written,

@@ -13,8 +13,8 @@ on its own:
 * **tiling** -- :func:`tile_grid` lays a row-major grid of tiles over the *output* image
   at a working resolution (``mpp`` in microns per pixel or an objective magnification),
   picks the pyramid level to read from, and records each tile's tissue fraction;
-  :func:`read_tile` / :func:`read_tiles` fetch tile pixels (the latter prefetches batches
-  in a background thread so disk IO and JPEG decoding overlap the caller's compute).
+  :func:`read_tile` / :func:`read_tiles` fetch tile pixels (the latter reads ahead in a
+  small thread pool so disk IO and JPEG decoding overlap the caller's compute).
 * **writing** -- :func:`write_pyramid` streams tiles into a tiled, pyramidal TIFF that
   both tiffslide and OpenSlide (hence QuPath) open with every level visible, holding at
   most a strip of ``tile_size`` rows in memory; :func:`write_mosaic_slide` uses it to make
@@ -37,14 +37,13 @@ tiffslide reports ``tiffslide.mpp-x`` and OpenSlide ``openslide.mpp-x``.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import numbers
 import os
-import queue
 import shutil
 import tempfile
-import threading
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -54,7 +53,15 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from studio.errors import InputError
-from studio.io import IMAGE_SUFFIXES, LARGE_IMAGE_MAX_PIXELS, TIFF_SUFFIXES, atomic_path, plain_image_pixels, read_image
+from studio.io import (
+    IMAGE_SUFFIXES,
+    LARGE_IMAGE_MAX_PIXELS,
+    TIFF_SUFFIXES,
+    atomic_path,
+    plain_image_pixels,
+    quiet_tifffile,
+    read_image,
+)
 
 __all__ = [
     "SLIDE_SUFFIXES",
@@ -114,6 +121,7 @@ def _above_plain_image_limit(path: Path) -> bool:
     return bool(pixels and Image.MAX_IMAGE_PIXELS and pixels > Image.MAX_IMAGE_PIXELS)
 
 
+@quiet_tifffile()  # tifffile logs what it fails on; a bad file becomes our one-line error instead
 def is_slide_path(path: str | Path) -> bool:
     """True when ``path`` should be opened as a whole slide rather than read as one image.
 
@@ -471,6 +479,7 @@ def _open_with(path: Path, backend: str) -> Slide:
     return Slide(path, backend, reader)
 
 
+@quiet_tifffile()  # tifffile logs what it fails on; a bad file becomes our one-line error instead
 def open_slide(path: str | Path, backend: str = "auto") -> Slide:
     """Open a whole slide (or a plain image, as a one-level slide).
 
@@ -877,83 +886,59 @@ def read_tile(slide: Slide, grid: TileGrid, tile: Tile) -> np.ndarray:
     return np.asarray(img).copy()
 
 
-class _ReaderFailed:
-    def __init__(self, exc: BaseException):
-        self.exc = exc
-
-
-_DONE = object()
-
-
 def read_tiles(slide: Slide, grid: TileGrid, tiles: Sequence[Tile] | None = None, *, batch_size: int = 16,
-               prefetch: int = 2) -> Iterator[tuple[list[np.ndarray], list[Tile]]]:
-    """Yield ``(arrays, tiles)`` batches in the given order, read ahead in a background thread.
+               prefetch: int = 2, readers: int | None = None) -> Iterator[tuple[list[np.ndarray], list[Tile]]]:
+    """Yield ``(arrays, tiles)`` batches in the given order, read ahead by a small thread pool.
 
-    A reader thread fills a bounded queue of at most ``prefetch`` batches, so reading and
-    decoding the next batches overlaps whatever the caller does with the current one
-    (tiffslide/OpenSlide decoding releases the GIL). An exception in the reader is
-    re-raised here, in the consumer; stopping early (``break``, ``close()``, garbage
-    collection of the generator) stops and joins the thread.
+    ``readers`` threads read and decode tiles ahead of the caller, at most ``prefetch``
+    batches beyond the one being assembled (a bounded window of futures, so memory does
+    not grow with the slide), and batches come back in order whatever order the reads
+    finish in. Reading overlaps whatever the caller does with the current batch, and the
+    readers overlap one another, because tiffslide (tifffile + imagecodecs), OpenSlide
+    and PIL release the GIL while they decode. An exception in a read is re-raised here,
+    in the consumer, at the batch holding that tile (earlier batches are yielded first);
+    stopping early (``break``, ``close()``, garbage collection of the generator) cancels
+    the reads not yet started and joins the threads.
 
     Args:
         tiles: subset/order of tiles (default: every tile of the grid, row-major).
         batch_size: tiles per batch (the last batch may be shorter).
-        prefetch: batches read ahead (queue bound).
+        prefetch: batches read ahead (the window's bound).
+        readers: reading threads (default: ``min(2, CPUs)``; 1 reads in one background thread).
     """
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise InputError("batch_size", f"must be a positive integer, got {batch_size!r}")
     if not isinstance(prefetch, (int, np.integer)) or prefetch < 1:
         raise InputError("prefetch", f"must be a positive integer, got {prefetch!r}")
+    if readers is None:
+        readers = max(1, min(2, os.cpu_count() or 1))
+    if not isinstance(readers, (int, np.integer)) or readers < 1:
+        raise InputError("readers", f"must be a positive integer, got {readers!r}")
     order = list(grid.tiles if tiles is None else tiles)
-    return _prefetched_batches(slide, grid, order, int(batch_size), int(prefetch))
+    return _prefetched_batches(slide, grid, order, int(batch_size), int(prefetch), int(readers))
 
 
-def _prefetched_batches(slide: Slide, grid: TileGrid, order: list[Tile], batch_size: int,
-                        prefetch: int) -> Iterator[tuple[list[np.ndarray], list[Tile]]]:
-    q: queue.Queue[Any] = queue.Queue(maxsize=prefetch)
-    stop = threading.Event()
-
-    def put(item: Any) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for start in range(0, len(order), batch_size):
-                batch = order[start:start + batch_size]
-                arrays = []
-                for tile in batch:
-                    if stop.is_set():
-                        return
-                    arrays.append(read_tile(slide, grid, tile))
-                if not put((arrays, batch)):
-                    return
-        except BaseException as exc:  # handed to the consumer, which re-raises it
-            put(_ReaderFailed(exc))
-            return
-        put(_DONE)
-
-    thread = threading.Thread(target=produce, name="histostudio-read-tiles", daemon=True)
-    thread.start()
+def _prefetched_batches(slide: Slide, grid: TileGrid, order: list[Tile], batch_size: int, prefetch: int,
+                        readers: int) -> Iterator[tuple[list[np.ndarray], list[Tile]]]:
+    pool = ThreadPoolExecutor(readers, thread_name_prefix="histostudio-read-tiles")
+    pending: collections.deque[Future[np.ndarray]] = collections.deque()
+    submitted = 0
     try:
-        while True:
-            item = q.get()
-            if item is _DONE:
-                return
-            if isinstance(item, _ReaderFailed):
-                raise item.exc
-            yield item
+        for start in range(0, len(order), batch_size):
+            # in flight: the batch being assembled, ``prefetch`` batches ahead of it and one
+            # more (the bound of a queue of ``prefetch`` batches fed by one reader thread)
+            limit = min(len(order), start + (prefetch + 2) * batch_size)
+            while submitted < limit:
+                pending.append(pool.submit(read_tile, slide, grid, order[submitted]))
+                submitted += 1
+            batch = order[start:start + batch_size]
+            arrays = [pending.popleft().result() for _ in batch]
+            yield arrays, batch
     finally:
-        stop.set()
-        with contextlib.suppress(queue.Empty):
-            while True:
-                q.get_nowait()
-        thread.join(timeout=60)
+        for f in pending:
+            f.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+
 
 
 # =========================================================================== writing
@@ -1022,7 +1007,9 @@ class _LevelSpill:
 
     Rows arrive (already 2x-reduced) from the level above; each full strip is padded
     (edge replication), cut into tiles, encoded, appended to a spill file on disk and
-    2x-reduced into the next level. Memory: ``tile_size x width x 3`` bytes.
+    2x-reduced into the next level. A strip's tiles are encoded in the pool while the
+    next strip fills; they are appended (in order) when that one is flushed, or at
+    :meth:`finish`. Memory: two ``tile_size x width x 3`` strips.
     """
 
     def __init__(self, width: int, height: int, tile_size: int, encoder: _TileEncoder, pool: ThreadPoolExecutor,
@@ -1037,6 +1024,7 @@ class _LevelSpill:
         self.path = spill_path
         self._fh: BinaryIO | None = open(spill_path, "wb")  # closed by finish()/close()
         self.lengths: list[int] = []
+        self._encoding: list[Future[bytes]] = []  # the previous strip's tiles, not yet appended
 
     def add(self, rows: np.ndarray) -> None:
         """Append reduced rows (``(r, >= width, 3)``; columns past ``width`` ignored)."""
@@ -1059,20 +1047,30 @@ class _LevelSpill:
         futures = [self.pool.submit(self.encoder, buf[:, c * ts:(c + 1) * ts]) for c in range(self.cols)]
         if self.below is not None:
             self.below.add(_halve(buf)[: (valid + 1) // 2])
+        self._append_encoded()
+        self._encoding = futures
+        self.buf = np.empty_like(buf)  # the encoders still read the old one
+        self.filled = 0
+        self.strip += 1
+
+    def _append_encoded(self) -> None:
         assert self._fh is not None
-        for f in futures:
+        for f in self._encoding:
             data = f.result()
             self._fh.write(data)
             self.lengths.append(len(data))
-        self.filled = 0
-        self.strip += 1
+        self._encoding = []
 
     def finish(self) -> None:
         if self.strip != self.rows:
             raise RuntimeError(f"pyramid level {self.width}x{self.height} got {self.strip} of {self.rows} strips")
+        self._append_encoded()
         self.close()
 
     def close(self) -> None:
+        for f in self._encoding:
+            f.cancel()
+        self._encoding = []
         if self._fh is not None:
             self._fh.close()
             self._fh = None
@@ -1085,9 +1083,14 @@ class _LevelSpill:
 
 def _level0_stream(tiles: Iterator[np.ndarray], width: int, height: int, ts: int, encoder: _TileEncoder,
                    pool: ThreadPoolExecutor, below: _LevelSpill | None) -> Iterator[bytes]:
-    """Encoded level-0 tiles, row-major, from the caller's tiles; feeds the reduced levels."""
+    """Encoded level-0 tiles, row-major, from the caller's tiles; feeds the reduced levels.
+
+    One row of lag: row ``r``'s tiles are encoded in the pool while row ``r + 1`` is
+    pulled from the caller (reading, transforming), and handed on after it, in order.
+    """
     cols, rows = math.ceil(width / ts), math.ceil(height / ts)
     total = rows * cols
+    previous: list[Future[bytes]] = []
     for r in range(rows):
         h = min(ts, height - r * ts)
         strip = np.empty((ts, cols * ts, 3), dtype=np.uint8)
@@ -1112,8 +1115,11 @@ def _level0_stream(tiles: Iterator[np.ndarray], width: int, height: int, ts: int
         futures: list[Future[bytes]] = [pool.submit(encoder, strip[:, c * ts:(c + 1) * ts]) for c in range(cols)]
         if below is not None:
             below.add(_halve(strip)[: (h + 1) // 2])
-        for f in futures:
+        for f in previous:
             yield f.result()
+        previous = futures
+    for f in previous:
+        yield f.result()
 
 
 def _ascii(text: str) -> str:

@@ -254,3 +254,76 @@ def test_segment_on_a_really_full_disk_says_disk_full(ckpt, tiny_disk, tmp_path)
     assert "requested and" not in str(result.exception)
     left = [p.name for p in (tiny_disk / "out").rglob("*") if p.is_file()]
     assert not [n for n in left if n.startswith(".")], left  # no probe, no temporary
+
+
+# --------------------------------------------------------------------------- leftovers of the issue-22 battery
+def test_an_old_format_output_folder_is_refused_then_overwritten_clean(ckpt, tiles, tmp_path, monkeypatch, capsys):
+    """A folder from before the job manifest (summary.csv and maps, no manifest.json) is an
+    earlier run: refused like one; --overwrite removes every file its summary lists."""
+    out = tmp_path / "old"
+    first = segment(tiles[0], tiles[1], "--out", out, "--checkpoint", ckpt)
+    assert first.exit_code == 0, first.output
+    (out / "manifest.json").unlink()  # what the pre-runner segment left: summary.csv and maps only
+    before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+
+    for extra in ((), ("--resume",)):
+        again = segment(tiles[2], "--out", out, "--checkpoint", ckpt, *extra)
+        assert isinstance(again.exception, InputError), again.output
+        message = str(again.exception)
+        assert "summary.csv, no manifest.json" in message and "--overwrite" in message and "\n" not in message
+        assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == before
+    monkeypatch.setattr(sys, "argv", ["histostudio", "segment", str(tiles[2]), "--out", str(out),
+                                      "--checkpoint", str(ckpt)])
+    from studio.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main()
+    assert stop.value.code == 2
+    assert len([line for line in capsys.readouterr().err.splitlines() if line.strip()]) == 1
+
+    redone = segment(tiles[2], "--out", out, "--checkpoint", ckpt, "--overwrite")
+    assert redone.exit_code == 0, redone.output
+    left = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert left == ["json/tile2.json", "manifest.json", "summary.csv", "tile2.geojson", "tile2_cls.npy",
+                    "tile2_inst.npy"]  # no tile0/tile1 files stay behind, unlisted
+    assert summary(out).keys() == {"tile2"}
+
+
+def test_a_truncated_tiff_gives_only_our_one_line(ckpt, tmp_path, monkeypatch, capsys, caplog):
+    """tifffile logs what it fails on (``shaped series raised ...``, ``invalid page offset``);
+    the user should see only the studio's line naming the file."""
+    import logging
+
+    import tifffile
+
+    from studio.io import read_image
+    from studio.slides import open_slide
+
+    image = np.ascontiguousarray(load_sample("hgsc_nest")[:256, :256])
+    whole = tmp_path / "whole.tif"
+    tifffile.imwrite(whole, np.stack([image, image]), tile=(128, 128), photometric="rgb")  # a shaped series
+    cut = tmp_path / "cut.tif"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 10])
+
+    with caplog.at_level(logging.DEBUG, logger="tifffile"):
+        with pytest.raises(InputError, match="cut.tif"):
+            open_slide(cut)
+        with pytest.raises(InputError, match="cut.tif"):
+            read_image(cut)
+    assert [r for r in caplog.records if r.name.startswith("tifffile")] == []
+    assert capsys.readouterr().err == ""
+    with tifffile.TiffFile(cut) as tf:  # outside our reads tifffile's logging is left alone
+        assert isinstance(tf.series, list)
+    assert any(r.name == "tifffile" for r in caplog.records)
+
+    caplog.clear()
+    monkeypatch.setattr(sys, "argv", ["histostudio", "segment", str(cut), "--out", str(tmp_path / "o"),
+                                      "--checkpoint", str(ckpt)])
+    from studio.cli import main
+
+    with pytest.raises(SystemExit):
+        main()
+    err = capsys.readouterr()
+    assert "tifffile" not in err.err + err.out and "TiffFileError" not in err.err + err.out
+    failed = [line for line in (err.err + err.out).splitlines() if "cut.tif" in line and "failed" in line]
+    assert len(failed) == 1, err

@@ -412,7 +412,7 @@ def test_tile_grid_resolution_requests(cmu, pyramids, tmp_path):
 
 # ----------------------------------------------------------------------------- read_tiles
 def _reader_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == "histostudio-read-tiles"]
+    return [t for t in threading.enumerate() if t.name.startswith("histostudio-read-tiles")]
 
 
 def _wait_for(cond, timeout: float = 10.0) -> bool:

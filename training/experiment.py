@@ -856,6 +856,7 @@ def run_augment_experiment(
     notes: Sequence[str] = (),
     overwrite: bool = False,
     keep_models: bool = True,
+    device: str = "auto",
 ) -> dict[str, Any]:
     """Train the segmenter with and without synthetic data (and the other variants) on
     identical splits, ``seeds`` times each, and score every model on the held-out tiles.
@@ -893,6 +894,8 @@ def run_augment_experiment(
         title, notes: shown at the top of ``results.md`` (notes also in the JSON).
         overwrite: replace an experiment already in ``out``.
         keep_models: keep each run's ``final`` model (checkpoints are always removed).
+        device: ``auto`` (CUDA when present, else CPU), ``cpu`` or ``cuda``; training and
+            evaluation both run there (:func:`experiment_device`).
 
     Returns:
         The content of ``results.json`` (a dict).
@@ -904,6 +907,7 @@ def run_augment_experiment(
     """
     t_start = time.time()
     _check_options(seeds, steps, synthetic_ratio, scarce_keep, threads)
+    device = experiment_device(device)  # a missing GPU is a one-line error before anything is read or written
     out = Path(out)
     _prepare_output(out, overwrite, create=False)
     torch.set_num_threads(threads)
@@ -977,7 +981,6 @@ def run_augment_experiment(
         variants.append({"id": tta_id, "label": f"baseline + TTA {tta_normalize}", "evaluate_models_of": "baseline",
                          "normalize": tta_normalize, "normalize_reference": "real training tiles"})
     trained = [v for v in variants if "sources" in v]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     settings = {
         "real": _describe(real_spec), "synthetic": _describe(syn_spec), "seeds": list(range(seeds)),
         "stain_augment": bool(stain_augment), "tta_normalize": tta_normalize, "steps": steps,
@@ -1017,7 +1020,7 @@ def run_augment_experiment(
             cfg = replace(base_cfg, output_dir=str(run_dir), seed=seed, sources=tuple(var["sources"]),
                           val=str(folders["heldout"]), stain_jitter=var["stain_jitter"])
             emit("run_start", variant=var["id"], seed=seed, index=index, count=count, steps=steps)
-            final, train_s, step_s = _train_run(cfg)
+            final, train_s, step_s = _train_run(cfg, device)
             t1 = time.time()
             metrics = score(truth, _segment_all(final, [t[0] for t in truth], device), data.classes, data.evaluated)
             eval_s = time.time() - t1
@@ -1052,17 +1055,47 @@ def run_augment_experiment(
     return _jsonable(result)
 
 
-def _train_run(cfg: Any) -> tuple[Path, float, float | None]:
+def experiment_device(spec: str | None) -> str:
+    """``--device`` of ``experiment``, resolved (:func:`studio.devices.resolve_device`).
+
+    Training goes through ``accelerate``, which runs one process on the CPU or on the first
+    visible GPU; so ``cuda:N`` past 0 is refused with the way to pick that card instead.
+    """
+    from studio.devices import resolve_device
+
+    device = resolve_device(spec)
+    if device.startswith("cuda:") and device != "cuda:0":
+        raise InputError("--device", f"{device}: experiment trains through accelerate on the first visible GPU; "
+                                     f"run it with CUDA_VISIBLE_DEVICES={device.split(':')[1]} and --device cuda")
+    if device == "mps":
+        raise InputError("--device", "mps: experiment trains on cpu or cuda only; use --device cpu")
+    return "cuda" if device.startswith("cuda") else device
+
+
+def _train_run(cfg: Any, device: str = "cpu") -> tuple[Path, float, float | None]:
     """One :func:`training.segmenter.train` run, its console output to ``train.log``;
     returns the final model, wall seconds and the seconds per step measured between the
-    first and last logged steps (set-up, validation and saving excluded)."""
+    first and last logged steps (set-up, validation and saving excluded). On ``cpu`` the
+    run is kept off any GPU (``ACCELERATE_USE_CPU``: accelerate's own switch)."""
+    import os
+
     from training.segmenter import train
 
     run_dir = Path(cfg.output_dir)
     t0 = time.time()
     log = io.StringIO()
-    with contextlib.redirect_stdout(log):
-        final = train(cfg)
+    previous = os.environ.get("ACCELERATE_USE_CPU")
+    if device == "cpu":
+        os.environ["ACCELERATE_USE_CPU"] = "1"
+    try:
+        with contextlib.redirect_stdout(log):
+            final = train(cfg)
+    finally:
+        if device == "cpu":
+            if previous is None:
+                os.environ.pop("ACCELERATE_USE_CPU", None)
+            else:
+                os.environ["ACCELERATE_USE_CPU"] = previous
     seconds = time.time() - t0
     (run_dir / "train.log").write_text(log.getvalue(), encoding="utf-8")
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # optimizer state: large, not needed

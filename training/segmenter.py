@@ -73,6 +73,8 @@ class SegmenterConfig:
     batch_size: int = 8
     stain_jitter: bool = True
     class_balance: float = 0.0  # share of crops centred on a class-balanced nucleus (BatchSampler)
+    scale_jitter: tuple[float, float] | None = None  # resample crops to a random mpp in this range, e.g. [0.4, 0.6]
+    degrade: float = 0.0  # share of crops given scanner blur, sensor noise and JPEG (BatchSampler)
     # optimisation
     init_from: str | None = None  # fine-tune: a segmenter folder whose weights start the run
     max_steps: int = 1200
@@ -164,6 +166,44 @@ def build_validation_data(cfg: SegmenterConfig):
     return open_dataset(cfg.val)
 
 
+def resample_plane(plane: np.ndarray, size: int, *, labels: bool) -> np.ndarray:
+    """A square crop resampled to ``size`` px: area/bicubic for the image, nearest for labels.
+
+    Why: a 0.6 um/px scan shows a nucleus in fewer pixels than a 0.4 um/px one; resampling
+    real crops over that range teaches the segmenter the scales users' scanners give.
+    """
+    from PIL import Image
+
+    if labels:
+        img = Image.fromarray(np.ascontiguousarray(plane).astype(np.int32 if plane.dtype != np.bool_ else np.uint8))
+        out = np.asarray(img.resize((size, size), Image.Resampling.NEAREST))
+        return out.astype(plane.dtype)
+    shrink = plane.shape[0] > size
+    img = Image.fromarray(np.ascontiguousarray(plane))
+    return np.asarray(img.resize((size, size), Image.Resampling.BOX if shrink else Image.Resampling.BICUBIC))
+
+
+def scanner_degrade(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Random defocus blur, sensor noise and JPEG compression of a uint8 crop.
+
+    The three things a whole-slide scanner adds that clean training tiles lack, each
+    drawn from a range (blur sigma 0-1.5 px, noise 0-6 grey levels, JPEG quality 35-95).
+    """
+    import io
+
+    from PIL import Image
+    from scipy import ndimage as ndi
+
+    x = image.astype(np.float32)
+    sigma = float(rng.uniform(0.0, 1.5))
+    if sigma > 0.2:
+        x = ndi.gaussian_filter(x, (sigma, sigma, 0))
+    x = x + rng.normal(0.0, float(rng.uniform(0.0, 6.0)), x.shape)
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(np.rint(x), 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=int(rng.integers(35, 96)))
+    return np.asarray(Image.open(buf).convert("RGB"))
+
+
 class BatchSampler:
     """Augmented training batches, a pure function of ``(seed, step)``.
 
@@ -179,9 +219,22 @@ class BatchSampler:
     """
 
     def __init__(self, data, probabilities: np.ndarray, crop_size: int, *, stain: Any = None, seed: int = 0,
-                 class_balance: float = 0.0):
+                 class_balance: float = 0.0, scale_jitter: Sequence[float] | None = None, degrade: float = 0.0,
+                 mpp: float = 0.5):
         if not 0.0 <= class_balance <= 1.0:
             raise InputError("class_balance", f"{class_balance}; must be in [0, 1]")
+        if not 0.0 <= degrade <= 1.0:
+            raise InputError("degrade", f"{degrade}; must be in [0, 1]")
+        if scale_jitter is not None:
+            lo, hi = (float(v) for v in scale_jitter)
+            if not 0.05 <= lo <= hi <= 20:
+                raise InputError("scale_jitter", f"{list(scale_jitter)}; give [low, high] microns per pixel")
+            if round(crop_size * hi / mpp) < 8:
+                raise InputError("scale_jitter", f"{list(scale_jitter)} is too coarse for {crop_size} px crops")
+            scale_jitter = (lo, hi)
+        self.scale_jitter = scale_jitter
+        self.degrade = degrade
+        self.mpp = mpp
         self.data = data
         self.p = probabilities
         self.crop = crop_size
@@ -189,9 +242,10 @@ class BatchSampler:
         self.seed = seed
         self.class_balance = class_balance
 
-    def _origin(self, s, rng: np.random.Generator) -> tuple[int, int]:
+    def _origin(self, s, rng: np.random.Generator, crop: int | None = None) -> tuple[int, int]:
         """Top-left corner of one crop of sample ``s``: uniform, or centred on a class-balanced nucleus."""
         h, w = s.inst.shape
+        size = self.crop if crop is None else crop
         if self.class_balance > 0 and rng.random() < self.class_balance:
             cls, inst = np.asarray(s.cls), np.asarray(s.inst)
             present = np.unique(cls[(cls > 0) & (inst > 0)])
@@ -201,54 +255,85 @@ class BatchSampler:
                 ids = inst[ys, xs]
                 nid = rng.choice(np.unique(ids))
                 cy, cx = ys[ids == nid].mean(), xs[ids == nid].mean()
-                jitter = rng.integers(-self.crop // 4, self.crop // 4 + 1, size=2)
-                y = int(np.clip(round(cy) - self.crop // 2 + jitter[0], 0, h - self.crop))
-                x = int(np.clip(round(cx) - self.crop // 2 + jitter[1], 0, w - self.crop))
+                jitter = rng.integers(-size // 4, size // 4 + 1, size=2)
+                y = int(np.clip(round(cy) - size // 2 + jitter[0], 0, h - size))
+                x = int(np.clip(round(cx) - size // 2 + jitter[1], 0, w - size))
                 return y, x
-        return int(rng.integers(0, h - self.crop + 1)), int(rng.integers(0, w - self.crop + 1))
+        return int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
 
-    def batch(self, step: int, batch_size: int) -> dict[str, Any]:
+    def batch(self, step: int, batch_size: int, *, rank: int = 0, world: int = 1) -> dict[str, Any]:
+        """Batch ``step``: ``batch_size`` crops per process, ``rank``'s share of a global batch.
+
+        The global batch (``batch_size * world`` crops) is drawn from ``(seed, step)`` alone,
+        and process ``rank`` keeps crops ``rank, rank + world, ...``: the processes of a
+        distributed run see disjoint parts of the batch a single process of batch
+        ``batch_size * world`` would see (with ``world == 1`` the stream of earlier runs).
+        """
         from studio.nuclei import hv_targets
 
+        if not 0 <= rank < world:
+            raise InputError("rank", f"{rank} of {world} processes")
         rng = np.random.default_rng([self.seed, step])
-        images, insts, classes, sources = [], [], [], []
-        for idx in rng.choice(len(self.data), size=batch_size, p=self.p):
+        images, insts, classes, ignores, sources = [], [], [], [], []
+        total = batch_size * world
+        for idx in rng.choice(len(self.data), size=total, p=self.p):
             s = self.data.read(int(idx))
             h, w = s.inst.shape
-            if min(h, w) < self.crop:
-                raise InputError(str(s.meta.get("name", idx)), f"is {h}x{w}, smaller than crop_size {self.crop}")
-            y, x = self._origin(s, rng)
+            source_mpp = float(s.meta.get("mpp") or self.mpp)
+            src = self.crop
+            if self.scale_jitter is not None:
+                src = round(self.crop * float(rng.uniform(*self.scale_jitter)) / source_mpp)
+            if min(h, w) < max(self.crop, src):
+                raise InputError(str(s.meta.get("name", idx)),
+                                 f"is {h}x{w}, smaller than the {max(self.crop, src)} px crop it needs")
+            y, x = self._origin(s, rng, src)
             k = int(rng.integers(4))
             flip = bool(rng.random() < 0.5)
             arrays = []
-            for a in (s.image, s.inst, s.cls):
-                a = np.rot90(np.asarray(a)[y:y + self.crop, x:x + self.crop], k)
+            planes = (s.image, s.inst, s.cls, s.ignore if s.ignore is not None else np.zeros((h, w), bool))
+            for j, a in enumerate(planes):
+                a = np.asarray(a)[y:y + src, x:x + src]
+                if src != self.crop:
+                    a = resample_plane(a, self.crop, labels=j > 0)
+                a = np.rot90(a, k)
                 arrays.append(np.ascontiguousarray(a[:, ::-1] if flip else a))
+            if self.degrade > 0 and rng.random() < self.degrade:
+                arrays[0] = scanner_degrade(arrays[0], rng)
             images.append(arrays[0])
             insts.append(arrays[1])
             classes.append(arrays[2])
+            ignores.append(arrays[3])
             sources.append(str(s.meta.get("source", "")))
         from studio.io import to_tensor
 
         tiles = to_tensor(np.stack(images))
         if self.stain is not None:
             tiles = self.stain(tiles, torch.Generator().manual_seed(self.seed * 1_000_003 + step))
-        inst = np.stack(insts)
-        return {
+        mine = slice(rank, total, world)
+        tiles, inst = tiles[mine], np.stack(insts[mine])
+        ignore = np.stack(ignores[mine])
+        out = {
             "image": tiles,
             "np": torch.from_numpy((inst > 0).astype(np.int64)),
             "hv": torch.from_numpy(np.stack([hv_targets(i) for i in inst])),
-            "tp": torch.from_numpy(np.stack(classes).astype(np.int64)),
+            "tp": torch.from_numpy(np.stack(classes[mine]).astype(np.int64)),
             "inst": inst,
-            "sources": sources,
+            "sources": sources[mine],
         }
+        if ignore.any():
+            out["valid"] = torch.from_numpy(~ignore)
+        return out
 
 
 # --------------------------------------------------------------------------- loss
-def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-3) -> torch.Tensor:
-    """HoVer-Net's soft Dice: ``sum_c 1 - (2 |P_c T_c| + s) / (|P_c| + |T_c| + s)``."""
+def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-3,
+              valid: torch.Tensor | None = None) -> torch.Tensor:
+    """HoVer-Net's soft Dice: ``sum_c 1 - (2 |P_c T_c| + s) / (|P_c| + |T_c| + s)``, over ``valid`` pixels."""
     prob = logits.softmax(dim=1)
     onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).to(prob)
+    if valid is not None:
+        keep = valid.unsqueeze(1).to(prob)
+        prob, onehot = prob * keep, onehot * keep
     inter = (prob * onehot).sum(dim=(0, 2, 3))
     total = prob.sum(dim=(0, 2, 3)) + onehot.sum(dim=(0, 2, 3))
     return (1.0 - (2.0 * inter + smooth) / (total + smooth)).sum()
@@ -274,16 +359,41 @@ def msge_loss(pred: torch.Tensor, target: torch.Tensor, focus: torch.Tensor) -> 
     return err.sum() / (2 * f.sum() + 1e-8)
 
 
+def _masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    keep = valid.to(values)
+    while keep.ndim < values.ndim:
+        keep = keep.unsqueeze(1)
+    keep = keep.expand_as(values)
+    return (values * keep).sum() / keep.sum().clamp_min(1.0)
+
+
 def hovernet_loss(out, batch: Mapping[str, Any], cfg: SegmenterConfig) -> tuple[torch.Tensor, dict[str, float]]:
-    parts = {
-        "np_ce": F.cross_entropy(out.np_logits, batch["np"]),
-        "np_dice": dice_loss(out.np_logits, batch["np"]),
-        "hv_mse": F.mse_loss(out.hv, batch["hv"]),
-        "hv_msge": msge_loss(out.hv, batch["hv"], batch["np"]),
-    }
-    if out.tp_logits is not None:
-        parts["tp_ce"] = F.cross_entropy(out.tp_logits, batch["tp"])
-        parts["tp_dice"] = dice_loss(out.tp_logits, batch["tp"])
+    """HoVer-Net's loss; pixels outside ``batch["valid"]`` (unknown labels) count in no term.
+
+    A pseudo-labelled tile marks the nuclei its teacher was unsure of as unknown: taught
+    as background they would teach the student to miss exactly the hard nuclei.
+    """
+    valid = batch.get("valid")
+    if valid is None:
+        parts = {
+            "np_ce": F.cross_entropy(out.np_logits, batch["np"]),
+            "np_dice": dice_loss(out.np_logits, batch["np"]),
+            "hv_mse": F.mse_loss(out.hv, batch["hv"]),
+            "hv_msge": msge_loss(out.hv, batch["hv"], batch["np"]),
+        }
+        if out.tp_logits is not None:
+            parts["tp_ce"] = F.cross_entropy(out.tp_logits, batch["tp"])
+            parts["tp_dice"] = dice_loss(out.tp_logits, batch["tp"])
+    else:
+        parts = {
+            "np_ce": _masked_mean(F.cross_entropy(out.np_logits, batch["np"], reduction="none"), valid),
+            "np_dice": dice_loss(out.np_logits, batch["np"], valid=valid),
+            "hv_mse": _masked_mean((out.hv - batch["hv"]) ** 2, valid),
+            "hv_msge": msge_loss(out.hv, batch["hv"], batch["np"] * valid),
+        }
+        if out.tp_logits is not None:
+            parts["tp_ce"] = _masked_mean(F.cross_entropy(out.tp_logits, batch["tp"], reduction="none"), valid)
+            parts["tp_dice"] = dice_loss(out.tp_logits, batch["tp"], valid=valid)
     loss = sum(getattr(cfg, k) * v for k, v in parts.items())
     return loss, {k: round(float(v.item()), 5) for k, v in parts.items()}
 
@@ -373,7 +483,10 @@ def train(cfg: SegmenterConfig, resume: str | None = None) -> Path:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, project_dir=str(out))
+    # Every process runs all max_steps steps on its own shard (BatchSampler rank/world), so the
+    # schedule advances once per step; accelerate's default would step it num_processes times.
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, project_dir=str(out),
+                              step_scheduler_with_optimizer=False)
     set_seed(cfg.seed)
     data, probabilities = build_training_data(cfg)
     val_data = build_validation_data(cfg)
@@ -404,11 +517,13 @@ def train(cfg: SegmenterConfig, resume: str | None = None) -> Path:
         accelerator.print(f"resumed from {checkpoint} at step {start}")
 
     sampler = BatchSampler(data, probabilities, cfg.crop_size, stain=StainAugment() if cfg.stain_jitter else None,
-                           seed=cfg.seed, class_balance=cfg.class_balance)
+                           seed=cfg.seed, class_balance=cfg.class_balance, scale_jitter=cfg.scale_jitter,
+                           degrade=cfg.degrade, mpp=cfg.mpp)
     log = MetricsLog(out)
     model.train()
     for step in range(start, cfg.max_steps):
-        batch = sampler.batch(step, cfg.batch_size)
+        batch = sampler.batch(step, cfg.batch_size, rank=accelerator.process_index,
+                              world=accelerator.num_processes)
         tensors = {k: v.to(accelerator.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         with accelerator.accumulate(model):
             output = model(tensors["image"])
@@ -420,10 +535,10 @@ def train(cfg: SegmenterConfig, resume: str | None = None) -> Path:
         if ema is not None:
             ema.step(accelerator.unwrap_model(model).parameters())
         done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.max_steps:
+        if (done % cfg.log_every == 0 or done == cfg.max_steps) and accelerator.is_main_process:
             log.write(step=done, loss=round(loss.item(), 5), lr=scheduler.get_last_lr()[0], **parts,
-                      sources=dict(Counter(batch["sources"])))
-        if done % cfg.validate_every == 0 or done == cfg.max_steps:
+                      sources=dict(Counter(batch["sources"])), processes=accelerator.num_processes)
+        if (done % cfg.validate_every == 0 or done == cfg.max_steps) and accelerator.is_main_process:
             unwrapped = accelerator.unwrap_model(model)
             with ema_weights(ema, unwrapped):
                 metrics = validate(unwrapped, val_data, cfg.val_tiles, out / "validation" / f"step_{done:06d}.png")
@@ -438,7 +553,10 @@ def train(cfg: SegmenterConfig, resume: str | None = None) -> Path:
     if ema is not None:
         ema.copy_to(unwrapped.parameters())
     unwrapped.eval()
-    unwrapped.save_pretrained(final, safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        unwrapped.save_pretrained(final, safe_serialization=True)
+    accelerator.wait_for_everyone()
     accelerator.print(f"wrote {final}")
     return final
 

@@ -145,16 +145,19 @@ def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, keep: i
     step number beside it, the EMA as safetensors (:func:`save_ema`), ``extra(path)`` for
     anything else; only the newest ``keep`` checkpoints are kept."""
     path = Path(output_dir) / "checkpoints" / f"checkpoint_{step}"
-    accelerator.save_state(str(path), safe_serialization=True)
-    if ema is not None:
-        save_ema(ema, path)
-    if extra is not None:
-        extra(path)
-    (path / "step.json").write_text(json.dumps({"step": step}))
-    old = sorted((p for p in path.parent.iterdir() if re.fullmatch(r"checkpoint_\d+", p.name)),
-                 key=lambda p: int(p.name.split("_")[1]))
-    for stale in old[:-keep]:
-        shutil.rmtree(stale, ignore_errors=True)
+    accelerator.save_state(str(path), safe_serialization=True)  # every process takes part; the main one writes
+    if getattr(accelerator, "is_main_process", True):
+        if ema is not None:
+            save_ema(ema, path)
+        if extra is not None:
+            extra(path)
+        (path / "step.json").write_text(json.dumps({"step": step}))
+        old = sorted((p for p in path.parent.iterdir() if re.fullmatch(r"checkpoint_\d+", p.name)),
+                     key=lambda p: int(p.name.split("_")[1]))
+        for stale in old[:-keep]:
+            shutil.rmtree(stale, ignore_errors=True)
+    if hasattr(accelerator, "wait_for_everyone"):
+        accelerator.wait_for_everyone()
     return path
 
 

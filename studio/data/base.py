@@ -7,7 +7,9 @@ file layout (PanNuke, CoNIC, the studio's folder layout, crops of a shipped tile
 * ``inst``   int32 ``(H, W)`` instance ids, 0 = background,
 * ``cls``    uint8 ``(H, W)`` class code of each instance's pixels, 0 = background,
 * ``meta``   flat dict: at least ``index``, ``name``, ``source`` ("real", "synthetic", ...),
-  optionally ``tissue`` and any provenance (crop origin, parent image, ...).
+  optionally ``tissue`` and any provenance (crop origin, parent image, ...),
+* ``ignore`` optional bool ``(H, W)``: pixels whose label is unknown (a pseudo-label's
+  unconfident nuclei), left out of the training loss rather than taught as background.
 
 Training code reads ``NucleiDataset[i]`` (tensors) and never looks at where a sample came
 from: real and synthetic data differ only by ``meta["source"]``, which is carried through
@@ -63,6 +65,7 @@ class NucleiSample:
     inst: np.ndarray
     cls: np.ndarray
     meta: Meta = field(default_factory=dict)
+    ignore: np.ndarray | None = None
 
     @property
     def num_instances(self) -> int:
@@ -149,7 +152,7 @@ def validate_sample(sample: NucleiSample, num_classes: int, source: str | Path |
     src = source if source is not None else sample.meta.get("name", "sample")
     image = validate_image(sample.image, src)
     inst, cls = validate_labels(sample.inst, sample.cls, image.shape, num_classes, src)
-    return NucleiSample(image, inst, cls, sample.meta)
+    return NucleiSample(image, inst, cls, sample.meta, ignore=sample.ignore)
 
 
 def image_to_uint8(array: np.ndarray, source: str | Path) -> np.ndarray:
@@ -215,7 +218,7 @@ def as_samples(data: Any, source: str | None = None) -> list[NucleiSample]:
             if source is None:
                 raise InputError(f"samples[{i}]", "meta has no 'source'; pass source='real' or 'synthetic'")
             meta["source"] = source
-        out.append(NucleiSample(item.image, item.inst, item.cls, meta))
+        out.append(NucleiSample(item.image, item.inst, item.cls, meta, ignore=item.ignore))
     if not out:
         raise InputError("samples", "is empty; nothing to write")
     return out
@@ -455,14 +458,14 @@ class ArrayNucleiDataset(NucleiDataset):
                     # into real-only evaluation.
                     raise InputError(src, "meta has no 'source'; pass source='real' or 'synthetic'")
                 meta["source"] = source
-            self.samples.append(NucleiSample(checked.image, checked.inst, checked.cls, meta))
+            self.samples.append(NucleiSample(checked.image, checked.inst, checked.cls, meta, ignore=checked.ignore))
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def read(self, index: int) -> NucleiSample:
         s = self.samples[self._index(index)]
-        return NucleiSample(s.image, s.inst, s.cls, dict(s.meta))
+        return NucleiSample(s.image, s.inst, s.cls, dict(s.meta), ignore=s.ignore)
 
 
 class ConcatNucleiDataset(NucleiDataset):

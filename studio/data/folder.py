@@ -5,7 +5,9 @@ Layout::
     <root>/
       images/<name>.png       uint8 RGB (any size; other image formats are read too)
       labels/<name>.npy       (H, W, 2) int32: channel 0 instance id (0 = background),
-                              channel 1 class code (0 = background)
+                              channel 1 class code (0 = background); an optional channel 2
+                              (H, W, 3) marks pixels whose label is unknown (non-zero: left
+                              out of the training loss, e.g. a pseudo-label's unsure nuclei)
         or labels/<name>.tif  the same two channels as a TIFF (when there is no .npy)
       manifest.csv            optional: name, source, tissue, then any provenance columns
       classes.json            optional: {"1": "neoplastic", ...}; PanNuke classes if absent
@@ -79,7 +81,7 @@ def read_classes(path: str | Path) -> dict[int, str]:
 
 
 def read_label_file(path: str | Path) -> np.ndarray:
-    """A ``labels/<name>`` file -> (H, W, 2) integer array [instance, class]."""
+    """A ``labels/<name>`` file -> (H, W, 2) integer array [instance, class], or (H, W, 3) with an ignore channel."""
     path = Path(path)
     if path.suffix.lower() == ".npy":
         arr = load_npy(path, mmap=False)
@@ -92,10 +94,11 @@ def read_label_file(path: str | Path) -> np.ndarray:
             arr = tifffile.imread(path)
         except Exception as exc:
             raise InputError(path, f"corrupt or truncated TIFF ({exc})") from exc
-        if arr.ndim == 3 and arr.shape[0] == 2 and arr.shape[-1] != 2:
+        if arr.ndim == 3 and arr.shape[0] in (2, 3) and arr.shape[-1] not in (2, 3):
             arr = np.moveaxis(arr, 0, -1)  # planar (2, H, W)
-    if arr.ndim != 3 or arr.shape[-1] != 2:
-        raise InputError(path, f"has shape {arr.shape}; expected (H, W, 2) [instance, class]")
+    if arr.ndim != 3 or arr.shape[-1] not in (2, 3):
+        raise InputError(path, f"has shape {arr.shape}; expected (H, W, 2) [instance, class] "
+                               "or (H, W, 3) [instance, class, ignore]")
     if not np.issubdtype(arr.dtype, np.integer):
         raise InputError(path, f"has dtype {arr.dtype}; expected integers (int32)")
     return arr
@@ -179,7 +182,8 @@ class FolderDataset(NucleiDataset):
         inst, cls = validate_labels(lab[..., 0], lab[..., 1], image.shape, self.num_classes, label_path)
         meta: dict[str, Any] = {"source": self.source, **self.manifest.get(name, {})}
         meta.update(index=i, name=name, dataset="folder", path=str(self.folder))
-        return NucleiSample(image, inst, cls, meta)
+        ignore = lab[..., 2] != 0 if lab.shape[-1] == 3 else None
+        return NucleiSample(image, inst, cls, meta, ignore=ignore)
 
 
 def write_folder(
@@ -212,7 +216,13 @@ def write_folder(
         src = f"samples[{i}] ({name})"
         image = validate_image(s.image, src)
         inst, cls = validate_labels(s.inst, s.cls, image.shape, num_classes, src)
-        checked.append((image, np.stack([inst, cls.astype(np.int32)], axis=-1)))
+        channels = [inst, cls.astype(np.int32)]
+        if s.ignore is not None:
+            ignore = np.asarray(s.ignore)
+            if ignore.shape != inst.shape:
+                raise InputError(src, f"ignore mask is {ignore.shape}, labels {inst.shape}")
+            channels.append(ignore.astype(np.int32))
+        checked.append((image, np.stack(channels, axis=-1)))
     with atomic_folder(folder, overwrite=overwrite) as tmp:
         (tmp / "images").mkdir()
         (tmp / "labels").mkdir()
