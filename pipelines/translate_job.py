@@ -38,7 +38,11 @@ def create_translate_transform(stain: str, checkpoint: str, model: str = "fast",
     if not (folder / "model_index.json").is_file():
         raise WeightsError(folder, f"no virtual IHC pipeline here; train one with python -m training.virtual_ihc "
                                    f"--config training/recipes/virtual_ihc_{stain}.yaml or pass --checkpoint")
-    pipe = VirtualIHCPipeline.from_pretrained(folder).to(resolve_device(device))
+    from studio.devices import enable_fast_attention
+
+    resolved = resolve_device(device)
+    pipe = VirtualIHCPipeline.from_pretrained(folder).to(resolved)
+    enable_fast_attention(pipe, resolved)  # xformers on CUDA when installed; nothing changes on the CPU
     if pipe.config.stain != stain:
         raise InputError(folder, f"is a {pipe.config.stain} model, not {stain}")
     transform = VirtualIHCTransform(pipe, model, steps=steps, seed=seed, halo=halo, checkpoint=str(folder))

@@ -277,7 +277,7 @@ def test_two_process_accelerate_launch_matches_one_process(tiny_fold, tmp_path):
 
     two = tiny_recipe(tiny_fold, tmp_path / "two.yaml", batch_size=2)
     one = tiny_recipe(tiny_fold, tmp_path / "one.yaml", batch_size=4)
-    cmd = [str(ROOT / ".venv" / "bin" / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
            "-m", "training.segmenter", "--config", str(two), "--output-dir", str(tmp_path / "ddp")]
     run = subprocess.run(cmd, cwd=ROOT, env={**child_env(), "ACCELERATE_USE_CPU": "1"}, capture_output=True,
@@ -297,3 +297,32 @@ def test_two_process_accelerate_launch_matches_one_process(tiny_fold, tmp_path):
     # Tolerance: within a quarter of how far training moved the weights (measured: ~9%); the
     # residual is the Dice / MSGE batch statistics (test above), not different data.
     assert _distance(ddp, single) < 0.25 * moved
+
+
+@pytest.mark.slow  # ~30 s on the shared 2-core machine
+def test_training_killed_mid_run_resumes_to_the_uninterrupted_weights(tiny_fold, tmp_path):
+    """kill -9 after a checkpoint, ``--resume latest``: the final weights equal an uninterrupted
+    run's (batches are a pure function of (seed, step); optimizer, schedule and EMA come back),
+    and the resumed run never starts from a half-written checkpoint."""
+    import signal
+    import time
+
+    from training.segmenter import main
+
+    recipe = tiny_recipe(tiny_fold, tmp_path / "r.yaml", max_steps=30, checkpoint_every=4, use_ema=True,
+                         keep_checkpoints=2)
+    main(["--config", str(recipe), "--output-dir", str(tmp_path / "straight")])
+    cmd = [sys.executable, "-m", "training.segmenter", "--config", str(recipe), "--output-dir", str(tmp_path / "k")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = tmp_path / "k" / "checkpoints"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not any((p / "step.json").is_file() for p in ckpts.glob("checkpoint_*")):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "k" / "final").exists(), "the run finished before it could be killed"
+    main(["--config", str(recipe), "--output-dir", str(tmp_path / "k"), "--resume", "latest"])
+    resumed, straight = _weights(tmp_path / "k" / "final"), _weights(tmp_path / "straight" / "final")
+    assert resumed.keys() == straight.keys()
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=1e-6, msg=key)
