@@ -221,7 +221,7 @@ def test_a_worker_killed_mid_batch_costs_one_retry_of_its_unit(cluster, data, tm
     log = tmp_path / "log"
     log.mkdir()
     prefix = str(log / "ev")
-    spec = TransformSpec("test_dask_jobs:probe", {"log": prefix, "delay": 2.0})
+    spec = TransformSpec("test_dask_jobs:probe", {"log": prefix, "delay": 3.0})
     out = tmp_path / "out"
     units = expand_inputs([data[f"set{k}"] for k in range(4)], out)
     killed: list[tuple[str, int]] = []
@@ -231,7 +231,7 @@ def test_a_worker_killed_mid_batch_costs_one_retry_of_its_unit(cluster, data, tm
             return
         finished = {u for u, _ in events(prefix, "done")}
         starts = sorted(Path(prefix).parent.glob(f"{Path(prefix).name}-start-*"), key=lambda p: p.stat().st_mtime)
-        # a unit started well under its 2 s ago: certainly still held when the signal lands
+        # a unit started well under its 3 s ago: certainly still held when the signal lands
         busy = [(p.name.split("-")[2], int(p.name.split("-")[3])) for p in starts
                 if p.name.split("-")[2] not in finished and time.time() - p.stat().st_mtime < 1.2]
         if busy:
