@@ -129,7 +129,9 @@ def run(checkpoints: list[str], out: Path | None) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoints", nargs="+", default=["checkpoints/nuclei-segmenter"])
+    shipped = Path(__file__).resolve().parents[1] / "checkpoints" / "nuclei-segmenter"
+    parser.add_argument("--checkpoints", nargs="+", default=[str(shipped)],
+                        help="local segmenter folders (save_pretrained layout)")
     parser.add_argument("--out", type=Path, default=Path("docs/segmenter_consistency.json"))
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)

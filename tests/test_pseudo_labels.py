@@ -75,8 +75,9 @@ def test_kept_pseudo_labels_are_more_precise_than_all_candidates_on_phantoms():
     from bench.segmenter_eval import scanner_degrade
     from pipelines.segmenter import NucleiSegmenter
     from studio.data.phantom_dataset import phantom_samples
+    from studio.info import checkpoints_dir
 
-    seg = NucleiSegmenter.from_pretrained("checkpoints/nuclei-segmenter")
+    seg = NucleiSegmenter.from_pretrained(checkpoints_dir() / "nuclei-segmenter")  # the shipped local folder
     kept = cand = kept_ok = cand_ok = 0
     for s in phantom_samples(2, seed=800_000, size=256, tissue="crowded"):
         image = scanner_degrade(s.image, np.random.default_rng(0), blur=1.5, noise=6, quality=50)

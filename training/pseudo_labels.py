@@ -291,7 +291,8 @@ def shipped_unlabelled(eval_fraction: float = EVAL_FRACTION) -> list[tuple[str, 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--checkpoint", default="checkpoints/nuclei-segmenter")
+    shipped = Path(__file__).resolve().parents[1] / "checkpoints" / "nuclei-segmenter"
+    parser.add_argument("--checkpoint", default=str(shipped), help="a local segmenter folder (the teacher)")
     parser.add_argument("--images", nargs="*", default=None,
                         help="unlabelled images (default: the shipped samples' pseudo-labelling parts)")
     parser.add_argument("--min-agreement", type=float, default=PseudoLabelConfig.min_agreement)
