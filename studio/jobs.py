@@ -1031,10 +1031,36 @@ def _failed_entry(unit: Unit, error: str, attempts: int) -> dict[str, Any]:
     return {**_base_entry(unit), "status": "failed", "error": error, "attempts": attempts}
 
 
+def _finished_path(attempts_dir: Path, unit_id: str) -> Path:
+    return attempts_dir / "finished" / f"{unit_id}.json"
+
+
+def _record_finished(attempts_dir: Path, unit_id: str, entry: dict[str, Any]) -> None:
+    """Keep a finished unit's entry on the shared output folder, atomically. A task's result
+    lives in its worker's memory until the client gathers it; when that worker is killed
+    first, the scheduler recomputes the task elsewhere, and this record lets the rerun return
+    the finished entry instead of processing the unit a second time."""
+    path = _finished_path(attempts_dir, unit_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(entry))
+
+
+def _recorded_finished(attempts_dir: Path, unit_id: str) -> dict[str, Any] | None:
+    try:
+        return json.loads(_finished_path(attempts_dir, unit_id).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def dask_task(unit: Unit, transform: Any, opts: JobOptions, attempts_dir: str,
               max_attempts: int = MAX_ATTEMPTS) -> dict[str, Any]:
-    """One unit on a Dask worker: claim the attempt, load the transform (cached per
-    process when it is a spec), process, return the manifest entry."""
+    """One unit on a Dask worker: return its entry if an earlier start finished it (its
+    result was lost with its worker before it was gathered), else claim the attempt, load
+    the transform (cached per process when it is a spec), process, record and return the
+    manifest entry."""
+    finished = _recorded_finished(Path(attempts_dir), unit.id)
+    if finished is not None:
+        return finished
     attempt = _claim_attempt(Path(attempts_dir), unit.id)
     if attempt > max_attempts:
         return _failed_entry(unit, f"its worker was lost {max_attempts} times while processing it; not retried "
@@ -1050,6 +1076,10 @@ def dask_task(unit: Unit, transform: Any, opts: JobOptions, attempts_dir: str,
 
         entry["worker"] = get_worker().address
     except (ImportError, ValueError):
+        pass
+    try:
+        _record_finished(Path(attempts_dir), unit.id, entry)
+    except (OSError, TypeError):  # no record: a lost result would only be recomputed, as before
         pass
     return entry
 

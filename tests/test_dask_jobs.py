@@ -217,7 +217,23 @@ def test_workers_build_a_spec_once_per_process_and_never_get_weights(cluster, da
 
 
 # --------------------------------------------------------------------------- lost workers
-@pytest.mark.slow  # passes alone (-m slow -k killed_mid_batch); failed twice inside the full suite (closing note)
+def test_a_finished_unit_whose_result_was_lost_with_its_worker_is_not_processed_again(data, tmp_path):
+    """A task's result sits in its worker's memory until gathered: when that worker dies
+    first, the scheduler reruns the task. The rerun must return the finished entry, not
+    process the unit a second time (seen in the full suite: a kill cost two units)."""
+    from studio.jobs import dask_task
+
+    log = tmp_path / "log"
+    log.mkdir()
+    prefix = str(log / "ev")
+    unit = expand_inputs([data["set0"]], tmp_path / "out")[0]
+    attempts = str(tmp_path / "out" / ".histostudio-attempts" / "t")
+    first = dask_task(unit, probe(prefix), FAST, attempts)
+    again = dask_task(unit, probe(prefix), FAST, attempts)
+    assert first["status"] == "done" and again == first and again["attempts"] == 1
+    assert [u for u, _ in events(prefix, "start")] == ["set0"]  # processed once
+
+
 def test_a_worker_killed_mid_batch_costs_one_retry_of_its_unit(cluster, data, tmp_path):
     log = tmp_path / "log"
     log.mkdir()
