@@ -26,6 +26,7 @@ import numpy as np
 import streamlit as st
 
 from studio.app.common import Picked, pick_image, png_bytes, sample_crops, show_error, zip_bytes
+from studio.app.published_models import render_published, runnable
 from studio.errors import HistostudioError
 
 PIPELINE_CLASS = "EmbeddingToImagePipeline"
@@ -168,18 +169,30 @@ def render() -> None:
 
     st.title("Generate")
     root = checkpoints_dir()
-    folders = embedding_checkpoints(root)
+    folders = {f.name: f for f in embedding_checkpoints(root)} | runnable(("pixcell",))
     if not folders:
         st.info(no_checkpoint_message(root), icon=":material/info:")
     else:
         render_variations(folders, HE_SAMPLES)
+    render_published(("pixcell", "pixcell-controlnet"), "generation")
     render_rare(root)
+
+
+def rare_class_options(folder: Path) -> list[str]:
+    """The classes a mask model can draw: its ``class_names`` (shipped models), else the
+    PanNuke classes that the published cell ControlNet's masks are rendered from."""
+    index = json.loads((folder / "model_index.json").read_text())
+    if index.get("class_names"):
+        return str(index["class_names"]).split(",")
+    from studio.data.samples import PANNUKE_CLASSES
+
+    return [name for code, name in sorted(PANNUKE_CLASSES.items()) if code]
 
 
 def render_rare(root: Path) -> None:
     """Rare-class nuclei patches (the mask-conditioned model), when a checkpoint exists."""
     st.subheader("Rare-class nuclei patches")
-    folders = mask_checkpoints(root)
+    folders = {f.name: f for f in mask_checkpoints(root)} | runnable(("pixcell-controlnet",))
     if not folders:
         st.caption(f"Needs a mask-conditioned checkpoint (`{MASK_PIPELINE_CLASS}`), shipped as "
                    f"`{root / MASK_SHIPPED}`; train one with `{MASK_TRAIN_COMMAND}`.")
@@ -189,11 +202,9 @@ def render_rare(root: Path) -> None:
                "conditioning maps: a ready-to-train PanNuke dataset.")
     left, right = st.columns([1, 2], gap="large")
     with left:
-        names = [f.name for f in folders]
-        chosen = st.selectbox("Checkpoint", names, key="rare_checkpoint")
-        folder = folders[names.index(chosen)]
-        index = json.loads((folder / "model_index.json").read_text())
-        options = str(index.get("class_names", "")).split(",")
+        chosen = st.selectbox("Checkpoint", list(folders), key="rare_checkpoint")
+        folder = folders[chosen]
+        options = rare_class_options(folder)
         classes = st.multiselect("Classes", options, default=[c for c in ("dead", "inflammatory") if c in options],
                                  key="rare_classes")
         a, b = st.columns(2)
@@ -238,15 +249,14 @@ def render_rare(root: Path) -> None:
                            icon=":material/download:")
 
 
-def render_variations(folders: list[Path], samples) -> None:
+def render_variations(folders: dict[str, Path], samples) -> None:
     st.subheader("Variations of a tile")
     st.caption("The tile is embedded by the encoder the checkpoint was trained with; the diffusion model draws new "
                "tiles from those embeddings: the same kind of tissue, new instances of it.")
     left, right = st.columns([1, 2], gap="large")
     with left:
-        names = [f.name for f in folders]
-        chosen = st.selectbox("Checkpoint", names, key="gen_checkpoint")
-        folder = folders[names.index(chosen)]
+        chosen = st.selectbox("Checkpoint", list(folders), key="gen_checkpoint")
+        folder = folders[chosen]
         size = st.selectbox("Tile size (px)", SIZES, index=len(SIZES) - 1, key="gen_size")
         picked = pick_image("Source tile", "gen_src", samples=samples, default_sample=DEFAULT_SOURCE)
         a, b = st.columns(2)

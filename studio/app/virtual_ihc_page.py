@@ -16,10 +16,13 @@ import streamlit as st
 
 from studio.app.common import Picked, limit_side, pick_image, png_bytes, show_error
 from studio.app.dab import DEFAULT_THRESHOLD, HEATMAP_MAX, dab_heatmap, dab_positive_fraction, h_score, wipe
+from studio.app.published_models import render_published
 from studio.errors import HistostudioError
 
 STAINS = ("HER2", "Ki67", "ER", "PR")
 TRAIN_COMMAND = "python -m training.virtual_ihc --config training/recipes/virtual_ihc_her2.yaml"
+#: Published folders this page lists: PixCell-1024 and the virtual-staining release (LoRA + flow).
+PUBLISHED_KINDS = ("pixcell", "pixcell-staining")
 WORK_SIDE = 1024  # H&E inputs are translated at most this large (area-downscaled)
 
 Translator = Callable[[np.ndarray, str], np.ndarray]
@@ -117,6 +120,7 @@ def no_checkpoint_message() -> str:
 
 def render() -> None:
     st.title("Virtual IHC")
+    render_published(PUBLISHED_KINDS, "virtual IHC")
     stains = available_stains()
     if not stains:
         st.info(no_checkpoint_message(), icon=":material/info:")
