@@ -53,8 +53,8 @@ def eval_region(name: str) -> np.ndarray:
 
 def shifted_views(name: str, image: np.ndarray) -> dict[str, tuple[np.ndarray, float | None]]:
     """``{shift: (image, image_mpp or None)}`` of one evaluation region."""
-    from bench.segmenter_eval import scanner_degrade
     from studio.data.samples import load_sample
+    from studio.scanner import scanner_degrade
     from studio.stain import ReinhardNormalizer
     from training.pseudo_labels import stain_jittered
 

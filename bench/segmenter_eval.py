@@ -43,6 +43,7 @@ from studio.metrics import (
 )
 from studio.nuclei import hovernet_postprocess, hv_targets, threshold_watershed_baseline
 from studio.report import contact_sheet, overlay_labels, save_png
+from studio.scanner import scanner_degrade
 
 PHANTOM_HELD_OUT_SEED = 700_000  # training uses phantom seeds 1000.. (segmenter) and 2000.. (ControlNet)
 
@@ -79,19 +80,6 @@ def score(truth: list[tuple[np.ndarray, np.ndarray]], pred: list[tuple[np.ndarra
     return out
 
 
-def scanner_degrade(image: np.ndarray, rng: np.random.Generator, blur: float = 1.0, noise: float = 4.0,
-                    quality: int = 75) -> np.ndarray:
-    """What a whole-slide scanner adds to the phantom's ideal rendering: defocus blur
-    (Gaussian, ``blur`` px), sensor noise (``noise`` grey levels) and JPEG compression."""
-    import io
-
-    from PIL import Image
-    from scipy import ndimage as ndi
-
-    x = ndi.gaussian_filter(image.astype(np.float32), (blur, blur, 0)) + rng.normal(0, noise, image.shape)
-    buf = io.BytesIO()
-    Image.fromarray(np.clip(x, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=quality)
-    return np.asarray(Image.open(buf).convert("RGB"))
 
 
 def most_tissue(image: np.ndarray, size: int) -> np.ndarray:

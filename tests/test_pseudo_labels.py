@@ -72,10 +72,10 @@ def test_filter_keeps_agreed_nuclei_and_marks_the_rest_unknown():
 def test_kept_pseudo_labels_are_more_precise_than_all_candidates_on_phantoms():
     """Phantom tiles with exact truth, degraded as a scanner would: the agreement filter keeps
     nuclei that are right more often than the teacher's raw output is (reported)."""
-    from bench.segmenter_eval import scanner_degrade
     from pipelines.segmenter import NucleiSegmenter
     from studio.data.phantom_dataset import phantom_samples
     from studio.info import checkpoints_dir
+    from studio.scanner import scanner_degrade
 
     seg = NucleiSegmenter.from_pretrained(checkpoints_dir() / "nuclei-segmenter")  # the shipped local folder
     kept = cand = kept_ok = cand_ok = 0

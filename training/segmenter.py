@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from studio.errors import InputError
+from studio.scanner import random_scanner_degrade
 from training.utils import MetricsLog, ema_weights, load_config, resume_path, save_checkpoint, warmup_cosine_scheduler
 
 HGSC_TRAIN_REGION = (0, 1500, 0, 1125 - 256 + 1)  # crop origins whose 256 px crops stay in the train split
@@ -183,25 +184,6 @@ def resample_plane(plane: np.ndarray, size: int, *, labels: bool) -> np.ndarray:
     return np.asarray(img.resize((size, size), Image.Resampling.BOX if shrink else Image.Resampling.BICUBIC))
 
 
-def scanner_degrade(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Random defocus blur, sensor noise and JPEG compression of a uint8 crop.
-
-    The three things a whole-slide scanner adds that clean training tiles lack, each
-    drawn from a range (blur sigma 0-1.5 px, noise 0-6 grey levels, JPEG quality 35-95).
-    """
-    import io
-
-    from PIL import Image
-    from scipy import ndimage as ndi
-
-    x = image.astype(np.float32)
-    sigma = float(rng.uniform(0.0, 1.5))
-    if sigma > 0.2:
-        x = ndi.gaussian_filter(x, (sigma, sigma, 0))
-    x = x + rng.normal(0.0, float(rng.uniform(0.0, 6.0)), x.shape)
-    buf = io.BytesIO()
-    Image.fromarray(np.clip(np.rint(x), 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=int(rng.integers(35, 96)))
-    return np.asarray(Image.open(buf).convert("RGB"))
 
 
 class BatchSampler:
@@ -298,7 +280,7 @@ class BatchSampler:
                 a = np.rot90(a, k)
                 arrays.append(np.ascontiguousarray(a[:, ::-1] if flip else a))
             if self.degrade > 0 and rng.random() < self.degrade:
-                arrays[0] = scanner_degrade(arrays[0], rng)
+                arrays[0] = random_scanner_degrade(arrays[0], rng)
             images.append(arrays[0])
             insts.append(arrays[1])
             classes.append(arrays[2])
