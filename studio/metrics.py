@@ -590,6 +590,30 @@ def _overlaps(
     return true_ids, pred_ids, ti, pi, iou
 
 
+def best_match(reference: np.ndarray, other: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each reference id ``1..max``: the best IoU with any instance of ``other``, and that
+    instance's id (0 and 0 where none overlaps, or the id is absent).
+
+    Unlike :func:`pair_instances` this is not a one-to-one pairing: it asks, per nucleus,
+    "does another segmentation see it, and how well" (agreement across views, recall of a
+    kept subset), from the same one-pass overlap table.
+    """
+    ref = _as_label_map(reference, "reference")
+    oth = _as_label_map(other, "other")
+    _check_same_shape(ref, oth, "reference", "other")
+    n = int(ref.max(initial=0))
+    best = np.zeros(n + 1)
+    match = np.zeros(n + 1, dtype=np.int64)
+    true_ids, pred_ids, ti, pi, iou = _overlaps(ref, oth)
+    if iou.size:
+        order = np.lexsort((iou, ti))  # per reference nucleus, its best overlap last
+        ti, pi, iou = ti[order], pi[order], iou[order]
+        last = np.r_[ti[1:] != ti[:-1], True]
+        best[true_ids[ti[last]]] = iou[last]
+        match[true_ids[ti[last]]] = pred_ids[pi[last]]
+    return best[1:], match[1:]
+
+
 def pair_instances(true_inst: np.ndarray, pred_inst: np.ndarray, match_iou: float = 0.5) -> InstancePairs:
     """Match true and predicted nuclei one-to-one by IoU (CoNIC / HoVer-Net ``get_pq`` pairing).
 

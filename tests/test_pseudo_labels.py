@@ -9,9 +9,9 @@ import torch
 
 from studio.data.base import NucleiSample
 from studio.errors import InputError
+from studio.metrics import best_match
 from training.pseudo_labels import (
     PseudoLabelConfig,
-    best_iou,
     dihedral,
     filter_confident,
     pseudo_label,
@@ -36,11 +36,15 @@ def label_map(shape, discs):
 def test_best_iou_matches_by_overlap():
     ref = label_map((40, 40), [(10, 10, 4), (30, 30, 4)])
     other = label_map((40, 40), [(30, 31, 4), (10, 25, 3)])  # id 1 overlaps ref 2; nothing near ref 1
-    iou, match = best_iou(ref, other)
+    iou, match = best_match(ref, other)
     assert iou[0] == 0.0
     assert 0.6 < iou[1] < 1.0 and match[1] == 1
-    same, _ = best_iou(ref, ref)
+    same, _ = best_match(ref, ref)
     np.testing.assert_allclose(same, 1.0)
+    gappy = np.where(ref == 2, 5, ref)  # ids need not be contiguous: absent ids read 0
+    iou, match = best_match(gappy, other)
+    assert iou.shape == (5,) and iou[4] > 0.6 and match[4] == 1
+    assert not iou[1:4].any()
 
 
 def test_dihedral_round_trip():

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from studio.errors import InputError
+from studio.metrics import best_match
 
 UNLABELLED_SAMPLES = ("skin", "tiatoolbox_target", "cmu_small_region")
 EVAL_FRACTION = 0.25  # right part of each shipped sample kept out of pseudo-labelling
@@ -115,27 +116,6 @@ def teacher_views(segment: Callable[..., tuple[np.ndarray, np.ndarray, dict]], i
 
 
 # --------------------------------------------------------------------------- agreement
-def best_iou(reference: np.ndarray, other: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For each reference id 1..n: the best IoU with any instance of ``other`` and that instance's id."""
-    n = int(reference.max(initial=0))
-    ref_area = np.bincount(reference.ravel(), minlength=n + 1)
-    oth_area = np.bincount(other.ravel())
-    both = (reference > 0) & (other > 0)
-    iou = np.zeros(n + 1)
-    match = np.zeros(n + 1, dtype=np.int64)
-    if both.any():
-        pairs, inter = np.unique(np.stack([reference[both], other[both]]), axis=1, return_counts=True)
-        r, o = pairs
-        union = ref_area[r] + oth_area[o] - inter
-        scores = inter / union
-        order = np.lexsort((scores, r))  # per r, the best score last
-        r, o, scores = r[order], o[order], scores[order]
-        last = np.r_[r[1:] != r[:-1], True]
-        iou[r[last]] = scores[last]
-        match[r[last]] = o[last]
-    return iou[1:], match[1:]
-
-
 def filter_confident(views: Sequence[tuple[str, np.ndarray, np.ndarray]], cfg: PseudoLabelConfig,
                      num_classes: int) -> PseudoLabels:
     """Keep the reference view's nuclei that the other views agree on (module docstring)."""
@@ -153,7 +133,7 @@ def filter_confident(views: Sequence[tuple[str, np.ndarray, np.ndarray]], cfg: P
     any_nuclear = ref_inst > 0
     for _, inst, cls in views[1:]:
         any_nuclear |= inst > 0
-        iou, match = best_iou(ref_inst, inst)
+        iou, match = best_match(ref_inst, inst)
         agree = iou >= cfg.match_iou
         votes += agree
         other_types = np.zeros(int(inst.max(initial=0)) + 1, dtype=np.int64)
@@ -203,9 +183,9 @@ def pseudo_label_precision(labels: PseudoLabels, true_inst: np.ndarray, candidat
     A kept or candidate nucleus is correct when it overlaps a true nucleus with IoU >=
     ``match_iou``. Recall of the kept set is reported too (what the filter gave away).
     """
-    kept_iou, _ = best_iou(labels.inst, true_inst)
-    cand_iou, _ = best_iou(candidates, true_inst)
-    truth_iou, _ = best_iou(true_inst, labels.inst)
+    kept_iou, _ = best_match(labels.inst, true_inst)
+    cand_iou, _ = best_match(candidates, true_inst)
+    truth_iou, _ = best_match(true_inst, labels.inst)
     return {"kept": int(kept_iou.size), "candidates": int(cand_iou.size),
             "precision_kept": float((kept_iou >= match_iou).mean()) if kept_iou.size else 0.0,
             "precision_candidates": float((cand_iou >= match_iou).mean()) if cand_iou.size else 0.0,
