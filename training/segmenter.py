@@ -123,7 +123,7 @@ def open_source(spec: Mapping[str, Any], cfg: SegmenterConfig):
         kwargs = {"source": spec.pop("source")} if "source" in spec else {}
         if spec:
             raise InputError("sources", f"unknown keys {sorted(spec)} for dataset {path}")
-        return open_dataset(path, layout, **kwargs)
+        return check_every_sample(open_dataset(path, layout, **kwargs), path)
     name = spec.pop("name", None)
     if name == "hgsc_nest":
         if spec:
@@ -146,6 +146,30 @@ def open_source(spec: Mapping[str, Any], cfg: SegmenterConfig):
     raise InputError("sources", f"entry {dict(spec, name=name)} needs 'path' or name 'hgsc_nest' / 'phantom'")
 
 
+#: Datasets up to this many tiles are read in full before the first step (a few seconds).
+PREFLIGHT_LIMIT = 4096
+
+
+def check_every_sample(data, path: str | Path, limit: int = PREFLIGHT_LIMIT):
+    """Read every tile of a user's dataset once before training, so that a bad label file
+    (a class outside the table, labels of another size than their image, a truncated image)
+    is one error naming it now, not a crash at whatever step first draws it. Larger datasets
+    (PanNuke folds) are left to the same checks at read time."""
+    if len(data) > limit:
+        return data
+    bad: list[str] = []
+    for i in range(len(data)):
+        try:
+            data.read(i)
+        except InputError as exc:
+            bad.append(str(exc))
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise InputError(path, f"{len(bad)} of {len(data)} tiles cannot be trained on; first: {bad[0]}{more}. "
+                               f"Fix or remove them")
+    return data
+
+
 def build_training_data(cfg: SegmenterConfig):
     """``(ConcatNucleiDataset, per-sample probabilities)`` from ``cfg.sources``."""
     from studio.data.base import ConcatNucleiDataset
@@ -164,7 +188,7 @@ def build_validation_data(cfg: SegmenterConfig):
         return _hgsc(HGSC_HELDOUT_REGION, 256, cover_edges=True)
     from studio.data.registry import open_dataset
 
-    return open_dataset(cfg.val)
+    return check_every_sample(open_dataset(cfg.val), cfg.val)
 
 
 def resample_plane(plane: np.ndarray, size: int, *, labels: bool) -> np.ndarray:
@@ -428,6 +452,16 @@ def build_model(cfg: SegmenterConfig, num_classes: int, class_names: Sequence[st
                         decoder_scale=cfg.decoder_scale, mpp=cfg.mpp, class_names=tuple(class_names))
 
 
+def _folder_class(folder: Path) -> str | None:
+    """The diffusers class a folder declares (a pipeline's or a model's), if any."""
+    for name in ("model_index.json", "config.json"):
+        try:
+            return str(json.loads((folder / name).read_text())["_class_name"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
 def init_weights(model, folder: str | Path) -> None:
     """Start ``model`` from a trained segmenter folder (fine-tuning), refusing any other architecture.
 
@@ -438,7 +472,12 @@ def init_weights(model, folder: str | Path) -> None:
     from pipelines.encoders import load_model_folder
     from pipelines.segmenter import HoVerNetLite
 
-    source = load_model_folder(HoVerNetLite, Path(folder))
+    folder = Path(folder)
+    kind = _folder_class(folder)
+    if kind is not None and kind != HoVerNetLite.__name__:
+        raise InputError("init_from", f"{folder} holds a {kind}, not a nuclei segmenter ({HoVerNetLite.__name__}); "
+                                      f"give a segmenter folder such as checkpoints/nuclei-segmenter")
+    source = load_model_folder(HoVerNetLite, folder)
     if tuple(source.config.class_names) != tuple(model.config.class_names):
         raise InputError("init_from", f"{folder} types {list(source.config.class_names)}, this recipe's data "
                                       f"{list(model.config.class_names)}")
