@@ -298,8 +298,15 @@ class StainNormalizer(ABC):
         key = json.dumps([source.to_dict(), self.target.to_dict()], sort_keys=True)
         if key not in self._lut_cache:
             self._lut_cache.clear()  # one slide at a time: 50 MB per table
-            self._lut_cache[key] = ColorLUT.from_transform(lambda t: self.transform(t, source=source))
+            od_map = self.od_linear_map(source)
+            self._lut_cache[key] = (ColorLUT.from_od_map(od_map, background=self.background) if od_map is not None
+                                    else ColorLUT.from_transform(lambda t: self.transform(t, source=source)))
         return self._lut_cache[key]
+
+    def od_linear_map(self, source: StainProfile) -> torch.Tensor | None:
+        """The ``(3, 3)`` matrix ``M`` when ``transform(., source=source)`` is exactly
+        ``od_to_rgb(M @ od(rgb))`` (its lookup table then factorises per channel), else None."""
+        return None
 
     def transform_uint8(self, images: np.ndarray, source: StainProfile | None = None,
                         fallback: StainProfile | None = None, workers: int = 1) -> np.ndarray:

@@ -169,6 +169,11 @@ class MacenkoNormalizer(StainMatrixNormalizer):
             mapping = mapping + torch.eye(3, dtype=pinv.dtype, device=pinv.device) - source["matrix"] @ pinv
         return mapping
 
+    def od_linear_map(self, source: StainProfile) -> torch.Tensor:
+        """Macenko maps optical density linearly (:meth:`mapping`): see the base class."""
+        cpu = torch.device("cpu")
+        return self.mapping(self._params_from_profile(source, cpu), self._params_from_profile(self.target, cpu))[0]
+
     def _apply(self, tiles: torch.Tensor, source: Params, target: Params, od: torch.Tensor | None = None
                ) -> torch.Tensor:
         b, _, h, w = tiles.shape
