@@ -277,8 +277,9 @@ class PixCellPipeline(DiffusionPipeline):
                                        "PixCellTransformer2DModel)")
         index = json.loads(index_path.read_text(encoding="utf-8"))
         if "controlnet" in index:
-            raise WeightsError(folder, "is PixCell's ControlNet release, which this back-end does not run yet; "
-                                       "use PixCell-256 or PixCell-1024")
+            raise WeightsError(folder, "is PixCell's cell ControlNet (it draws H&E from nuclei masks): run it with "
+                                       "histostudio generate rare --checkpoint FOLDER; for embedding-conditioned "
+                                       "generation use PixCell-256 or PixCell-1024")
         transformer = load_pixcell_transformer(folder / "transformer", dtype)
         vae_model = load_model_folder(AutoencoderKL, resolve_vae(folder, vae))
         if vae_model.config.latent_channels != transformer.config.in_channels:

@@ -57,6 +57,8 @@ class RareRequest:
     split: str = "train"  # hgsc_nest band when labels == "hgsc_nest"
     overwrite: bool = False
     device: str = "auto"  # auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps
+    reference: str | None = None  # PixCell ControlNet: H&E tile whose UNI-2h token the tiles take
+    uni2h: str | None = None  # its UNI-2h folder (default: found in $HISTOSTUDIO_MODELS / beside)
 
 
 def mask_agreement(image: np.ndarray, inst: np.ndarray, ring: int = 3, margin: float = 0.05) -> float:
@@ -136,7 +138,6 @@ def _room_check(stats, codes: list[int], per_patch: int, size: int, classes: dic
 
 def generate_rare(req: RareRequest, on_step: Step | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the request; returns the provenance dict (also written as ``provenance.json``)."""
-    from pipelines.mask_to_image import MaskToImagePipeline
     from studio.data.base import NucleiSample
     from studio.data.registry import open_dataset, write_dataset
     from studio.devices import autocast_context, enable_fast_attention, resolve_device
@@ -154,7 +155,7 @@ def generate_rare(req: RareRequest, on_step: Step | None = None, log: Callable[[
         raise WeightsError(req.checkpoint, "no mask-conditioned checkpoint here; train one with python -m "
                                            "training.controlnet --config training/recipes/controlnet.yaml "
                                            "(it needs checkpoints/embedding-ldm as its base) or pass --checkpoint")
-    pipe = MaskToImagePipeline.from_pretrained(req.checkpoint).to(device)
+    pipe, backend = _load_mask_pipeline(req, device)
     enable_fast_attention(pipe, device)  # xformers when installed on CUDA, else torch SDPA
     classes = pipe.classes
     codes = _check_request(req, classes)
@@ -221,6 +222,7 @@ def generate_rare(req: RareRequest, on_step: Step | None = None, log: Callable[[
                                    f"{expected}; nothing was written")
         provenance = {
             "request": asdict(req), "device": device, "checkpoint": str(Path(req.checkpoint).resolve()),
+            "backend": backend,
             "checkpoint_digest": pipeline_digest(req.checkpoint),
             **({"phantom_tissue": tissue} if req.labels == "phantom" else {}),
             "classes": {str(k): v for k, v in classes.items()}, "shape_statistics": stats.to_dict(),
@@ -245,6 +247,29 @@ def generate_rare(req: RareRequest, on_step: Step | None = None, log: Callable[[
     log(f"generated {generated}, accepted {len(accepted)}, rejected {rejected} "
         f"({provenance['rejection_rate']:.0%}) by the mask-agreement filter")
     return provenance
+
+
+def _load_mask_pipeline(req: RareRequest, device: str) -> tuple[Any, dict[str, Any]]:
+    """The mask-conditioned generator of ``req.checkpoint`` and what it is (for provenance):
+    a published PixCell ControlNet folder (``model_index.json`` lists a ``controlnet``) runs
+    :class:`~pipelines.pixcell_controlnet.PixCellControlNetPipeline`, anything else the
+    studio's :class:`~pipelines.mask_to_image.MaskToImagePipeline`."""
+    from pipelines.mask_to_image import MaskToImagePipeline
+    from pipelines.pixcell_controlnet import PixCellControlNetPipeline, is_controlnet_folder, reference_tokens
+
+    if not is_controlnet_folder(req.checkpoint):
+        if req.reference is not None:
+            raise InputError("--reference", "a reference tile is for the PixCell ControlNet (--checkpoint "
+                                            "PixCell-256-Cell-ControlNet); the studio's mask model takes none")
+        return MaskToImagePipeline.from_pretrained(req.checkpoint).to(device), {"kind": "mask-to-image"}
+    pipe = PixCellControlNetPipeline.from_pretrained(req.checkpoint).to(device)
+    if req.reference is not None:
+        pipe.set_reference(reference_tokens(req.reference, req.checkpoint, req.uni2h, device=device))
+        uni = {"uni_token": "reference", "reference": str(Path(req.reference).resolve())}
+    else:
+        uni = {"uni_token": "learned null embedding (no --reference; guidance has no effect)"}
+    return pipe, {"kind": "pixcell-controlnet", "mask_rendering": "binary nuclei mask as RGB, white on black",
+                  **uni}
 
 
 def pipeline_digest(folder: str | Path) -> dict[str, str]:

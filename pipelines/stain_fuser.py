@@ -413,12 +413,17 @@ class StainFuserTransform:
 
 
 def create_tile_transform(reference: str | Path | None = None, device: str | None = "auto", seed: int = 0,
-                          checkpoint: str | Path | None = None, steps: int = 6, strength: float = 0.6,
-                          halo: int = 32, detail: str = "source", **_: Any) -> StainFuserTransform:
+                          checkpoint: str | Path | None = None, steps: int | None = None,
+                          strength: float | None = None, halo: int = 32, detail: str | None = None,
+                          **_: Any) -> StainFuserTransform:
     """Entry point ``histostudio.tile_transforms: stainfuser`` (see :mod:`studio.transforms`).
 
     ``device`` is resolved here, on the machine that runs the transform (a Dask worker resolves
     ``auto`` to its own GPU), through :func:`studio.devices.resolve_device`; None means ``auto``.
+    A ``checkpoint`` that is a state-dict file (or a folder without ``model_index.json``) is the
+    published StainFuser release (:mod:`pipelines.stainfuser_published`: 20 PNDM steps from noise,
+    the decoded output); a pipeline folder is the studio's own model (6 DDIM steps, strength 0.6,
+    the source's pixels). None for steps/strength/detail means that back-end's default.
     """
     from studio.devices import enable_fast_attention, resolve_device
     from studio.info import checkpoints_dir
@@ -428,6 +433,14 @@ def create_tile_transform(reference: str | Path | None = None, device: str | Non
     if reference is None:
         raise InputError("--reference", "stainfuser needs a reference in the target stain (image, folder, slide "
                                         "or sample name)")
+    from pipelines.stainfuser_published import create_published_transform, is_published_checkpoint
+
+    if is_published_checkpoint(checkpoint):
+        return create_published_transform(checkpoint, reference, device=device, seed=seed, steps=steps,
+                                          strength=strength, halo=halo, detail=detail)
+    steps = 6 if steps is None else steps
+    strength = 0.6 if strength is None else strength
+    detail = detail or "source"
     folder = Path(checkpoint) if checkpoint else checkpoints_dir() / "stain-fuser"
     if not folder.exists():
         raise WeightsError(folder, "no such pipeline folder: train the diffusion normalizer with python -m "

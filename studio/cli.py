@@ -313,6 +313,10 @@ def normalize(
     scheduler: Annotated[str | None, typer.Option(help="dask scheduler address for --executor dask.")] = None,
     save_profile: Annotated[Path | None, typer.Option(help="Also write the target stain profile JSON here.")
                             ] = None,
+    checkpoint: Annotated[str | None, typer.Option(
+        help="stainfuser weights: a StainFuserPipeline folder (default: the shipped one), or the published "
+             "StainFuser state dict (.safetensors/.pth file, or its folder with the sd21b_*_config.json files).")
+                          ] = None,
 ) -> None:
     """Normalize the stain of a batch of slides and tiles to one target."""
     from studio.jobs import JobOptions, expand_inputs, run_job
@@ -323,8 +327,11 @@ def normalize(
                       seed=seed, batch_size=batch_size, workers=workers)
     opts.validate()
     units = expand_inputs(inputs, out)
+    if checkpoint is not None and method.lower() != "stainfuser":
+        raise HistostudioError(f"--checkpoint: only the stainfuser method loads weights, not {method}")
+    model_options = {"checkpoint": checkpoint} if checkpoint is not None else {}
     transform = create_tile_transform(method, reference=reference, device=_normalize_device(method, device),
-                                      seed=seed, workers=workers)
+                                      seed=seed, workers=workers, **model_options)
     if save_profile is not None:
         target = getattr(getattr(transform, "normalizer", None), "target", None)
         if target is None:
@@ -346,10 +353,13 @@ def translate(
     out: Annotated[Path, typer.Option(help="Output folder (slides -> <name>.tif pyramids; tiles keep their names), "
                                            "plus dab_readout.json.")],
     stain: Annotated[str, typer.Option(help="her2, ki67, er or pr.")] = "her2",
-    model: Annotated[str, typer.Option(help="fast (feed-forward) or diffusion (few-step, seeded).")] = "fast",
-    checkpoint: Annotated[str | None, typer.Option(help="VirtualIHCPipeline folder (default: the shipped "
+    model: Annotated[str, typer.Option(help="fast (feed-forward), diffusion (few-step, seeded) or pixcell "
+                                            "(published PixCell-1024 + staining LoRA and flow MLP).")] = "fast",
+    checkpoint: Annotated[str | None, typer.Option(help="VirtualIHCPipeline folder, or for --model pixcell the "
+                                                        "pixcell-virtual-staining folder (default: the shipped "
                                                         "checkpoints/virtual-ihc-<stain>).")] = None,
-    steps: Annotated[int, typer.Option(help="Diffusion steps.")] = 6,
+    steps: Annotated[int | None, typer.Option(help="Diffusion steps (default: 6; 20 for --model pixcell, "
+                                                   "as the release samples).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the diffusion noise.")] = 0,
     tile_size: Annotated[int, typer.Option(help="Processing tile size for slides.")] = 512,
     halo: Annotated[int, typer.Option(help="Context pixels around each slide tile; overlaps are cross-faded.")] = 32,
@@ -649,6 +659,11 @@ def generate_rare(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")] = False,
     device: Annotated[str, typer.Option(help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps.")
                       ] = "auto",
+    reference: Annotated[Path | None, typer.Option(help="PixCell ControlNet only: an H&E tile whose UNI-2h token "
+                                                        "sets the tiles' style (default: the learned null "
+                                                        "embedding).")] = None,
+    uni2h: Annotated[Path | None, typer.Option(help="UNI-2h folder for --reference (default: found in "
+                                                    "$HISTOSTUDIO_MODELS or beside --checkpoint).")] = None,
 ) -> None:
     """Generate rare-class nuclei patches as a ready-to-train dataset (labels = conditioning maps)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -659,7 +674,8 @@ def generate_rare(
     req = RareRequest(labels=labels, classes=classes, count=count, out=str(out), format=format,
                       per_patch=per_patch, size=size, checkpoint=checkpoint or _default_checkpoint("mask-ldm"),
                       seed=seed, steps=steps, guidance_scale=guidance, min_agreement=min_agreement,
-                      max_attempts=max_attempts, tissue=tissue, overwrite=overwrite, device=_check_device(device))
+                      max_attempts=max_attempts, tissue=tissue, overwrite=overwrite, device=_check_device(device),
+                      reference=str(reference) if reference else None, uni2h=str(uni2h) if uni2h else None)
     with Progress(TextColumn("[bold]accepted"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console) as progress:
         task = progress.add_task("generate", total=count)

@@ -28,8 +28,12 @@ SOURCES = {
     "pixcell-controlnet": "StonyBrook-CVLab/PixCell-256-Cell-ControlNet",
     "uni2h": "MahmoodLab/UNI2-h (gated, CC-BY-NC-ND 4.0)",
     "sd35-vae": SD35_VAE_SOURCE,
+    "pixcell-staining": "StonyBrook-CVLab/pixcell-virtual-staining (LoRA + flow MLP per stain, for PixCell-1024)",
+    "stainfuser": "R-J/StainFuser (Apache-2.0; configs from GitHub R-J96/stainFuser src/configs/)",
 }
 PIXCELL_CLASSES = ("PixCellTransformer2DModel", "PixCellTransformer2DModelControlNet")
+STAINFUSER_MODULES = ("encoder", "conditioner", "noise_predictor")
+STAINFUSER_CONFIG = "sd21b_unet_config.json"
 
 
 @dataclass
@@ -37,7 +41,7 @@ class PublishedModel:
     """One recognised folder: what it is, whether it can run, where it came from."""
 
     name: str
-    kind: str  # "pixcell", "pixcell-controlnet", "uni2h" or "sd35-vae"
+    kind: str  # "pixcell", "pixcell-controlnet", "uni2h", "sd35-vae" or "stainfuser"
     path: Path
     status: str  # "ready", or the missing piece in words
     detail: str
@@ -124,8 +128,16 @@ def _pixcell(folder: Path, roots: list[Path]) -> PublishedModel:
         status = "ready"
     else:
         status = "needs the SD3.5 VAE (vae/ holds only a config)"
-    if kind == "pixcell-controlnet" and status == "ready":
-        status = "found (ControlNet back-end not yet supported)"
+    if kind == "pixcell-controlnet":  # generate rare --checkpoint; the base may sit beside it as PixCell-256
+        detail += ", cell-mask ControlNet (generate rare)"
+        base_beside = any(is_pixcell(c) and "controlnet" not in (_json(c / "model_index.json") or {})
+                          and _has_weights(c / "transformer")
+                          for r in roots if Path(r).is_dir() for c in Path(r).iterdir() if c.is_dir())
+        if not _has_weights(folder / "controlnet"):
+            status = "controlnet/diffusion_pytorch_model.safetensors missing"
+        elif status.startswith("transformer/") and base_beside:
+            status = "ready" if _has_weights(folder / "vae") or find_sd35_vae(roots) else \
+                "needs the SD3.5 VAE (vae/ holds only a config)"
     return PublishedModel(folder.name, kind, folder, status, detail, _size_mb(folder))
 
 
@@ -140,6 +152,54 @@ def _uni2h(folder: Path) -> PublishedModel:
     else:
         status = "no weights"
     return PublishedModel(folder.name, "uni2h", folder, status, detail, _size_mb(folder))
+
+
+def _pixcell_staining(folder: Path) -> PublishedModel:
+    """The virtual-staining release: ``ckpts/lora/<name>_lora.*`` + ``ckpts/mlp/<name>_mlp.*`` per stain."""
+    def stems(sub: str, tail: str) -> set[str]:
+        files = [*(folder / "ckpts" / sub).glob(f"*{tail}.pth"), *(folder / "ckpts" / sub).glob(f"*{tail}.safetensors")]
+        return {f.stem[: -len(tail)] for f in files}
+
+    both = sorted(stems("lora", "_lora") & stems("mlp", "_mlp"))
+    status = "ready" if both else "no stain with both ckpts/lora/<name>_lora and ckpts/mlp/<name>_mlp"
+    detail = f"stains: {', '.join(both) or 'none'} (needs PixCell-1024 and UNI-2h)"
+    return PublishedModel(folder.name, "pixcell-staining", folder, status, detail, _size_mb(folder))
+
+
+def _safetensors_keys(path: Path) -> list[str]:
+    """Tensor names from a safetensors header (no torch); [] when it cannot be read."""
+    try:
+        with path.open("rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            if not 0 < length <= path.stat().st_size - 8:
+                return []
+            header = json.loads(f.read(length))
+    except (OSError, ValueError):
+        return []
+    return [k for k in header if k != "__metadata__"] if isinstance(header, dict) else []
+
+
+def _is_stainfuser_file(path: Path) -> bool:
+    heads = {k.removeprefix("module.").split(".", 1)[0] for k in _safetensors_keys(path)}
+    return set(STAINFUSER_MODULES) <= heads
+
+
+def _stainfuser(path: Path) -> PublishedModel | None:
+    """The published StainFuser state dict: a file, or a folder holding it (and the release's
+    ``sd21b_*_config.json``); a ``.pth`` counts only beside those configs or when named directly
+    (it is read with ``torch.load(weights_only=True)`` at load time)."""
+    folder = path if path.is_dir() else path.parent
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+    tensors = [f for f in files if f.suffix == ".safetensors" and _is_stainfuser_file(f)]
+    configs = (folder / STAINFUSER_CONFIG).is_file()
+    pickles = [f for f in files if f.suffix in (".pth", ".pt")] if configs or path.is_file() else []
+    if not tensors and not pickles and not (configs and path.is_dir()):
+        return None
+    chosen = (tensors or pickles)[:1]
+    status = "ready" if chosen else "no weights (.safetensors or .pth)"
+    detail = f"SD2.1-base UNet + ControlNet, {chosen[0].name if chosen else 'no weights'}, " + (
+        "release configs" if configs else "built-in SD2.1-base configs")
+    return PublishedModel(path.name, "stainfuser", path, status, detail, sum(f.stat().st_size for f in files) / 2**20)
 
 
 def classify(folder: Path, roots: list[Path] | None = None) -> PublishedModel | None:
@@ -158,8 +218,12 @@ def classify(folder: Path, roots: list[Path] | None = None) -> PublishedModel | 
         if found:
             found.name = f"{folder.name}/vae"
         return found
+    if (folder / "ckpts" / "lora").is_dir():
+        return _pixcell_staining(folder)
     if is_timm_vit(folder):
         return _uni2h(folder)
+    if folder.is_file() or (folder.is_dir() and not (folder / "model_index.json").is_file()):
+        return _stainfuser(folder)
     return None
 
 
