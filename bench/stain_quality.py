@@ -86,6 +86,35 @@ def learned(folder: str, reference: list[np.ndarray], steps: int, strength: floa
     return run
 
 
+def published(checkpoint: str | Path, reference: list[np.ndarray], steps: int | None = None, device: str = "auto",
+              workdir: Path | None = None):
+    """StainFuser's released weights through the slide job's transform (20 PNDM steps as
+    released unless ``steps``), styled by the same reference tiles as every other row."""
+    import tempfile
+
+    from pipelines.stainfuser_published import create_published_transform
+    from studio.io import write_image
+
+    folder = Path(workdir or tempfile.mkdtemp(prefix="stain-quality-"))
+    ref_path = write_image(folder / "reference.png", np.concatenate(reference[:4], axis=1))
+    transform = create_published_transform(checkpoint, ref_path, device=device, steps=steps)
+
+    def run(src: np.ndarray) -> np.ndarray:
+        return np.concatenate([transform.apply(src[i:i + 4]) for i in range(0, len(src), 4)])
+
+    return run
+
+
+def published_checkpoint(explicit: str | None) -> Path | None:
+    """``--published`` or the StainFuser release found in ``$HISTOSTUDIO_MODELS``."""
+    if explicit:
+        return Path(explicit)
+    from studio.published import find_published, models_dir
+
+    found = [m.path for m in find_published(models_dir()) if m.kind == "stainfuser"]
+    return found[0] if found else None
+
+
 def score(out: np.ndarray, src: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     o, s, t = to_tensor(out), to_tensor(src), to_tensor(truth)
     mask = tissue_mask(t)
@@ -109,6 +138,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--strength", type=float, default=0.6)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--published", default=None,
+                        help="StainFuser's released weights (R-J/StainFuser; default: found in $HISTOSTUDIO_MODELS)")
+    parser.add_argument("--device", default="auto", help="device of the published model's row")
     parser.add_argument("--out", type=Path, default=Path("docs"))
     args = parser.parse_args()
     if args.threads:
@@ -123,6 +155,11 @@ def main() -> None:
             methods[f"{name} (decoded)"] = learned(folder, reference, args.steps, args.strength, detail="model")
         else:
             print(f"skipping {name}: no checkpoint at {folder}")
+    released = published_checkpoint(args.published)
+    if released is not None:
+        methods["stainfuser (published weights)"] = published(released, reference, device=args.device)
+    else:
+        print("skipping stainfuser (published weights): none given (--published) or found in $HISTOSTUDIO_MODELS")
     results: dict = {"tiles": len(truth), "size": args.size, "steps": args.steps, "strength": args.strength}
     sheet = [("truth (held-out, target stain)", [(str(i), t) for i, t in enumerate(truth[:4])])]
     for shift in KNOWN_SHIFTS:

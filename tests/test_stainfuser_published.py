@@ -233,3 +233,16 @@ def test_info_lists_a_stainfuser_folder(tmp_path):
     assert classify(tmp_path / "empty") is None
     result = runner.invoke(app, ["info", "--models-dir", str(tmp_path)])
     assert result.exit_code == 0 and "StainFuser" in result.output, result.output
+
+
+def test_stain_quality_bench_gains_a_row_for_the_released_weights(checkpoint, tmp_path, monkeypatch):
+    from bench.stain_quality import published, published_checkpoint
+
+    run = published(checkpoint, [_tile("hgsc_nest"), _tile("tiatoolbox_target")], steps=2, device="cpu",
+                    workdir=tmp_path)
+    src = np.stack([_tile("skin"), _tile("hgsc_nest")])
+    out = run(src)
+    assert out.shape == src.shape and out.dtype == np.uint8 and not np.array_equal(out, src)
+    monkeypatch.setenv("HISTOSTUDIO_MODELS", str(checkpoint.parent.parent))
+    assert published_checkpoint(None) == checkpoint.parent
+    assert published_checkpoint(str(checkpoint)) == checkpoint

@@ -200,8 +200,10 @@ class StainNormalizer(ABC):
              for i, b in zip(inks, batches, strict=True)])
         if pixels.shape[1] > self.max_fit_pixels:
             # A uniform subsample keeps the pool's tissue/glass mix (and thus its statistics).
+            # Drawn with replacement: a full permutation of a slide's pooled pixels costs more
+            # than the whole estimate (0.23 s for 4 M), and 1 M draws estimate percentiles as well.
             gen = torch.Generator(device="cpu").manual_seed(self.seed)
-            pick = torch.randperm(pixels.shape[1], generator=gen)[: self.max_fit_pixels].to(pixels.device)
+            pick = torch.randint(pixels.shape[1], (self.max_fit_pixels,), generator=gen).to(pixels.device)
             pixels = pixels[:, pick]
             ink = ink[pick] if ink is not None else None
         pixels = pixels.unsqueeze(0)
