@@ -89,3 +89,17 @@ def test_virtual_ihc_page_lists_published_models(no_checkpoints, tmp_path, monke
     rows = {r["name"]: r["status"] for r in table_rows(at)}
     assert rows == {"PixCell-1024": "ready", "UNI2-h": "ready", "sd3.5-vae": "ready"}
     assert len(at.metric) == 2  # the real-IHC read-out still shows beneath
+
+
+def test_virtual_ihc_page_runs_the_published_staining_release(no_checkpoints, tmp_path, monkeypatch):
+    from factories_staining import write_staining_models_dir
+
+    write_staining_models_dir(tmp_path / "models")  # PixCell-1024, UNI-2h, VAE and a HER2 release
+    monkeypatch.setenv("HISTOSTUDIO_MODELS", str(tmp_path / "models"))
+    at = app("virtual-ihc")
+    no_exception(at)
+    assert not at.info  # a published stain counts: no "train one first"
+    assert at.radio(key="vihc_stain").options == ["HER2"] and at.radio(key="vihc_model").options == ["pixcell"]
+    captions = [c for element in at.get("image") for c in element.captions]
+    assert "virtual HER2" in captions, captions
+    assert at.metric[0].value.endswith("%")

@@ -48,7 +48,36 @@ def available_stains() -> dict[str, list[str]]:
         if (index.get("unet") or [None])[0]:
             models.append("diffusion")
         out[display_name(stain)] = models
+    for stain in published_stains():
+        out.setdefault(stain, []).append("pixcell")
     return out
+
+
+def published_stains() -> dict[str, str]:
+    """Display stain name -> the installed ``pixcell-virtual-staining`` release that can run it
+    (its LoRA and flow MLP, PixCell-1024, UNI-2h and the SD3.5 VAE all found)."""
+    from pipelines.pixcell_staining import STAIN_FILES, check_release
+    from studio.app.published_models import installed
+    from studio.errors import HistostudioError
+
+    out: dict[str, str] = {}
+    for release in installed(("pixcell-staining",)):
+        if not release.ready:
+            continue
+        for stain in STAIN_FILES:
+            try:
+                check_release(release.path, stain)
+            except HistostudioError:
+                continue
+            out.setdefault(display_name(stain), str(release.path))
+    return out
+
+
+@st.cache_resource(max_entries=2, show_spinner="Loading PixCell-1024 with the staining LoRA…")
+def _pixcell(stain: str, release: str, seed: int):
+    from pipelines.pixcell_staining import create_pixcell_staining_transform
+
+    return create_pixcell_staining_transform(stain.lower(), release, seed=seed, device="auto")
 
 
 @st.cache_resource(max_entries=4, show_spinner="Loading the virtual IHC model…")
@@ -64,6 +93,8 @@ def load_translator(model: str = "fast", seed: int = 0) -> Translator:
     import torch
 
     def translate(he: np.ndarray, stain: str) -> np.ndarray:
+        if model == "pixcell":  # the published release: UNI-2h tokens -> flow MLP -> PixCell-1024 + LoRA
+            return _pixcell(stain, published_stains()[stain], seed).apply(he[None])[0]
         out = _pipeline(stain)(he, model=model, generator=torch.Generator().manual_seed(seed), output_type="np")
         return (out.images[0] * 255 + 0.5).astype(np.uint8)
 
@@ -140,7 +171,8 @@ def render() -> None:
     stain = st.radio("Stain", list(stains), horizontal=True, key="vihc_stain")
     a, b = st.columns(2)
     model = a.radio("Translator", stains[stain], horizontal=True, key="vihc_model",
-                    help="fast: one forward pass; diffusion: a few denoising steps, seeded.")
+                    help="fast: one forward pass; diffusion: a few denoising steps, seeded; pixcell: the "
+                         "published PixCell-1024 virtual-staining release (20 steps; slow without a GPU).")
     seed = b.number_input("Seed", min_value=0, max_value=2**31 - 1, value=0, key="vihc_seed")
     if he is None:
         return
