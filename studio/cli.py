@@ -259,11 +259,13 @@ def _check_device(device: str) -> str:
 
 def _normalize_device(method: str, device: str) -> str | None:
     """normalize's device: classical normalizers are not models, so ``auto`` keeps them on the CPU
-    (None: their exact LUT path); a model method (stainfuser) or a named device is resolved."""
+    (None: their exact LUT path). A named device is checked and resolved here. A model method
+    (stainfuser) keeps ``auto`` unresolved: the transform's spec then carries ``auto`` and each
+    Dask worker picks its own GPU, instead of inheriting this client's CPU."""
     from studio.stain import NORMALIZERS
 
-    if device.strip().lower() == "auto" and method.lower() in NORMALIZERS:
-        return None
+    if device.strip().lower() == "auto":
+        return None if method.lower() in NORMALIZERS else "auto"
     return _check_device(device)
 
 

@@ -73,9 +73,19 @@ def test_normalize_auto_keeps_classical_on_cpu_and_resolves_model_methods(no_cud
     from studio.cli import _normalize_device
 
     assert _normalize_device("macenko", "auto") is None
-    assert _normalize_device("stainfuser", "auto") == "cpu"
+    assert _normalize_device("stainfuser", "auto") == "auto"  # resolved where the model is built (each worker)
     with pytest.raises(InputError, match="CUDA is not available"):
         _normalize_device("reinhard", "cuda")
+
+
+def test_stainfuser_spec_carries_auto_so_workers_resolve_their_own_device(no_cuda):
+    from studio.cli import _normalize_device
+    from studio.transforms import create_tile_transform
+
+    transform = create_tile_transform("stainfuser", reference="hgsc_nest",
+                                      device=_normalize_device("stainfuser", "auto"))
+    assert transform.spec.kwargs["device"] == "auto"  # what a Dask worker rebuilds it with
+    assert transform.pipe.device.type == "cpu"  # resolved here, where it was built: no CUDA
 
 
 def test_segment_default_device_runs_on_cpu_without_cuda(no_cuda, tiny_segmenter, tmp_path):
