@@ -591,13 +591,46 @@ def _apply_batch(transform: TileTransform, batch: Sequence[np.ndarray], source: 
             by_shape.setdefault(tile.shape, []).append(i)
     for idx in by_shape.values():
         stack = np.stack([batch[i] for i in idx])
-        if origins is not None and getattr(transform, "positional", False):
-            result = transform.apply(stack, source, origins=[origins[i] for i in idx])
-        else:
-            result = transform.apply(stack, source)
+        where = [origins[i] for i in idx] if origins is not None and getattr(transform, "positional", False) \
+            else None
+        result = apply_fitted(transform, stack, source, where)
         for j, i in enumerate(idx):
             out[i] = result[j]
     return out  # type: ignore[return-value]
+
+
+def apply_fitted(transform: TileTransform, stack: np.ndarray, source: Any,
+                 origins: Sequence[tuple[int, int]] | None = None) -> np.ndarray:
+    """``transform.apply`` on ``stack`` in chunks that fit the device's memory.
+
+    ``--batch-size`` is what a user asks for; a GPU with less free memory than that batch
+    needs raises out-of-memory. Then the chunk is halved (accelerate's
+    ``should_reduce_batch_size`` decides what counts as out-of-memory, on CUDA, MPS or the
+    CPU) and the size that worked is kept as ``transform.fitted_batch_size`` for the rest of
+    the job, so only the first batch pays for the search. Any other error propagates.
+    """
+    limit = int(getattr(transform, "fitted_batch_size", 0) or len(stack))
+    parts: list[np.ndarray] = []
+    start = 0
+    while start < len(stack):
+        n = min(limit, len(stack) - start)
+        chunk = stack[start:start + n]
+        try:
+            if origins is not None:
+                parts.append(transform.apply(chunk, source, origins=list(origins[start:start + n])))
+            else:
+                parts.append(transform.apply(chunk, source))
+        except RuntimeError as exc:
+            from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
+
+            if n == 1 or not should_reduce_batch_size(exc):
+                raise
+            clear_device_cache(garbage_collection=True)
+            limit = n // 2
+            transform.fitted_batch_size = limit
+            continue
+        start += n
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def _record(source: Any) -> dict[str, Any] | None:
@@ -816,6 +849,9 @@ def process_unit(unit: Unit, transform: Any, opts: JobOptions, reporter: Reporte
                          traceback=traceback.format_exc(limit=6))
     if entry["status"] != "done" and unit.files:
         _discard(unit.output_files())
+    fitted = getattr(getattr(transform, "transform", transform), "fitted_batch_size", None)
+    if fitted:  # apply_fitted halved --batch-size to fit the device's memory
+        entry["fitted_batch_size"] = int(fitted)
     entry["seconds"] = round(time.perf_counter() - start, 3)
     if entry.get("megapixels") and entry["status"] == "done":
         entry["megapixels_per_second"] = round(entry["megapixels"] / max(entry["seconds"], 1e-9), 2)

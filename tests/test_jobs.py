@@ -359,3 +359,57 @@ def test_a_png_above_pillows_limit_is_normalized_as_a_tiled_slide(tmp_path, monk
     out = open_slide(tmp_path / "out" / "big.tif")
     assert out.dimensions == (640, 512)
     assert Image.MAX_IMAGE_PIXELS == 100_000  # the raised limit was for that one read only
+
+
+class _SmallDevice:
+    """A tile transform on a device that holds at most ``room`` tiles at once (a GPU with
+    less memory than --batch-size needs): larger calls raise torch's out-of-memory error."""
+
+    name = "small-device"
+    pixelwise = True
+
+    def __init__(self, room: int):
+        self.room, self.calls = room, []
+
+    def estimate(self, tiles):
+        return None
+
+    def apply(self, tiles, source=None):
+        self.calls.append(len(tiles))
+        if len(tiles) > self.room:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return 255 - tiles
+
+    def describe(self):
+        return {"method": self.name}
+
+
+def test_a_batch_too_large_for_the_device_is_halved_and_the_size_kept(tmp_path):
+    from studio.jobs import apply_fitted
+
+    tiles = np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
+    small = _SmallDevice(room=3)
+    out = apply_fitted(small, tiles, None)
+    np.testing.assert_array_equal(out, 255 - tiles)  # the same result as one call
+    assert small.fitted_batch_size == 2 and small.calls == [8, 4, 2, 2, 2, 2]
+    small.calls.clear()
+    apply_fitted(small, tiles, None)
+    assert small.calls == [2, 2, 2, 2]  # later batches start at the size that fitted
+
+    class Broken(_SmallDevice):
+        def apply(self, tiles, source=None):
+            raise RuntimeError("a real bug, not memory")
+
+    with pytest.raises(RuntimeError, match="a real bug"):
+        apply_fitted(Broken(1), tiles, None)
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # not even one tile fits: the error, not a loop
+        apply_fitted(_SmallDevice(room=0), tiles, None)
+
+    # through the job: a tile folder at --batch-size 8 on the small device, recorded in the manifest
+    folder = tmp_path / "tiles"
+    for i, tile in enumerate(tiles):
+        write_image(folder / f"t{i}.png", tile)
+    units = expand_inputs([folder], tmp_path / "out")
+    report = run_job(units, _SmallDevice(room=3), tmp_path / "out", JobOptions(batch_size=8))
+    assert report.ok
+    assert Manifest.load(tmp_path / "out").units["tiles"]["fitted_batch_size"] == 2
