@@ -52,6 +52,7 @@ from PIL import Image
 from torch import nn
 
 from pipelines.loading import LocalPipeline
+from studio.devices import autocast_context
 from studio.errors import InputError, WeightsError
 
 N_STATS = 15
@@ -213,26 +214,19 @@ class StainFuserPipeline(LocalPipeline, DiffusionPipeline):
     def size_multiple(self) -> int:
         return self.latent_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
 
-    def _amp(self):
-        """Autocast for the model calls (bf16/fp16 on CUDA, a no-op on the CPU: exact fp32 there);
-        colour maths stays outside it (:func:`studio.devices.autocast_context`)."""
-        from studio.devices import autocast_context
-
-        return autocast_context(self.device)
-
     def _encode(self, tiles: torch.Tensor) -> torch.Tensor:
         """RGB [0, 1] -> scaled latents (posterior mean), in the tiles' dtype."""
-        with self._amp():
+        with autocast_context(self.device):
             latents = self.vae.encode(tiles * 2 - 1).latent_dist.mode()
         return latents.to(tiles.dtype) * self.vae.config.scaling_factor
 
     def _unet(self, sample: torch.Tensor, t, style: torch.Tensor) -> torch.Tensor:
         """One UNet prediction, returned in the sample's dtype."""
-        with self._amp():
+        with autocast_context(self.device):
             return self.unet(sample, t, class_labels=style).sample.to(sample.dtype)
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        with self._amp():
+        with autocast_context(self.device):
             image = self.vae.decode(latents / self.vae.config.scaling_factor).sample
         return ((image.float() + 1) / 2).clamp(0, 1)
 

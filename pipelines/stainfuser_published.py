@@ -45,6 +45,7 @@ from diffusers.utils import BaseOutput
 from PIL import Image
 from torch import nn
 
+from studio.devices import autocast_context
 from studio.errors import InputError, WeightsError
 
 # --------------------------------------------------------------------------- published configs
@@ -335,11 +336,6 @@ class PublishedStainFuserPipeline(DiffusionPipeline):
         """The training tile side (512 px for the release): the style tokens are taken at this size."""
         return int(self.unet.config.sample_size) * self.latent_factor
 
-    def _amp(self):
-        from studio.devices import autocast_context
-
-        return autocast_context(self.device)
-
     @torch.no_grad()
     def style_tokens(self, reference: np.ndarray | torch.Tensor) -> torch.Tensor:
         """The reference tile's scaled VAE latent as ``(1, h*w, 4)`` tokens: one RGB tile (uint8 HWC or
@@ -355,7 +351,7 @@ class PublishedStainFuserPipeline(DiffusionPipeline):
             x = torch.nn.functional.interpolate(x, size=(side, side), mode="bilinear", antialias=True,
                                                 align_corners=False)
         x = x.clamp(0, 1).to(self.device, self.vae.dtype)
-        with self._amp():
+        with autocast_context(self.device):
             latent = self.vae.encode(x).latent_dist.mode()
         latent = latent.float() * self.vae.config.scaling_factor
         return latent.flatten(2).transpose(1, 2)  # (1, h*w, C)
@@ -363,7 +359,7 @@ class PublishedStainFuserPipeline(DiffusionPipeline):
     def _predict(self, latents: torch.Tensor, t, tokens: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
         """One noise prediction: ControlNet on the source tile, then the UNet with its residuals."""
         dtype = self.unet.dtype
-        with self._amp():
+        with autocast_context(self.device):
             down, mid = self.controlnet(latents.to(dtype), t,
                                         encoder_hidden_states=self.style_projection.controlnet(tokens.to(dtype)),
                                         controlnet_cond=source.to(dtype), return_dict=False)
@@ -425,7 +421,7 @@ class PublishedStainFuserPipeline(DiffusionPipeline):
         if strength < 1:
             keep = max(1, int(round(len(timesteps) * strength)))
             timesteps = timesteps[len(timesteps) - keep:]
-            with self._amp():
+            with autocast_context(self.device):
                 start = self.vae.encode((x * 2 - 1).to(self.vae.dtype)).latent_dist.mode().float()
             latents = self.scheduler.add_noise(start * self.vae.config.scaling_factor, noise, timesteps[:1].repeat(b))
         else:
@@ -436,7 +432,7 @@ class PublishedStainFuserPipeline(DiffusionPipeline):
             eps = self._predict(model_input, t, tokens, x)
             latents = self.scheduler.step(eps, t, latents).prev_sample
         # 3. decode
-        with self._amp():
+        with autocast_context(self.device):
             image = self.vae.decode((latents / self.vae.config.scaling_factor).to(self.vae.dtype)).sample
         out = ((image.float() + 1) / 2).clamp(0, 1)
         if detail == "source":

@@ -51,6 +51,7 @@ from PIL import Image
 from torch import nn
 
 from pipelines.loading import LocalPipeline
+from studio.devices import autocast_context
 from studio.errors import InputError, WeightsError
 
 MODELS = ("fast", "diffusion")
@@ -191,32 +192,25 @@ class VirtualIHCPipeline(LocalPipeline, DiffusionPipeline):
         f = 2 ** (len(self.vae.config.block_out_channels) - 1) * 2 ** (len(self.unet.config.block_out_channels) - 1)
         return f if self.diffusion_prior == "none" else max(f, self.generator.factor)
 
-    def _amp(self):
-        """Autocast for the model calls (bf16/fp16 on CUDA, a no-op on the CPU: exact fp32 there);
-        colour maths stays outside it (:func:`studio.devices.autocast_context`)."""
-        from studio.devices import autocast_context
-
-        return autocast_context(self.device)
-
     def encode(self, tiles: torch.Tensor) -> torch.Tensor:
         """RGB [0, 1] -> scaled latents (posterior mean: the condition is deterministic)."""
-        with self._amp():
+        with autocast_context(self.device):
             latents = self.vae.encode(tiles * 2 - 1).latent_dist.mode()
         return latents.to(self.vae.dtype) * self.vae.config.scaling_factor
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        with self._amp():
+        with autocast_context(self.device):
             image = self.vae.decode(latents / self.vae.config.scaling_factor).sample
         return ((image.to(self.vae.dtype) + 1) / 2).clamp(0, 1)
 
     def _fast(self, x: torch.Tensor) -> torch.Tensor:
         """The fast translator's image of H&E tiles ``x``."""
-        with self._amp():
+        with autocast_context(self.device):
             return self.generator(x.to(self.generator.dtype)).to(self.generator.dtype)
 
     def _unet(self, sample: torch.Tensor, t) -> torch.Tensor:
         """One UNet prediction, returned in the latents' dtype."""
-        with self._amp():
+        with autocast_context(self.device):
             return self.unet(sample, t).sample.to(sample.dtype)
 
     @staticmethod
