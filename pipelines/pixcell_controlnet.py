@@ -184,7 +184,7 @@ def controlled_forward(transformer: PixCellTransformer2DModel, hidden_states: to
 
 
 # --------------------------------------------------------------------------- loading
-def _read_config(folder: Path, classes: tuple[str, ...], hint: str) -> dict[str, Any]:
+def read_config(folder: Path, classes: tuple[str, ...], hint: str) -> dict[str, Any]:
     path = folder / "config.json"
     if not path.is_file():
         raise WeightsError(folder, f"has no config.json ({hint})")
@@ -198,7 +198,7 @@ def _read_config(folder: Path, classes: tuple[str, ...], hint: str) -> dict[str,
     return config
 
 
-def _load_checked(folder: Path, model_cls: type, config: dict[str, Any], what: str, hint: str,
+def load_checked(folder: Path, model_cls: type, config: dict[str, Any], what: str, hint: str,
                   dtype: torch.dtype) -> Any:
     """Build ``model_cls`` from ``config`` (empty weights), check the folder's safetensors by
     name and shape (one line naming the first difference), then load it."""
@@ -253,7 +253,7 @@ def load_pixcell_controlnet(folder: str | Path, base_config: dict[str, Any] | No
     match ``base_config`` (the base transformer's) so its residuals fit the base blocks."""
     folder = Path(folder)
     hint = f"download controlnet/ from {CONTROLNET_SOURCE}"
-    config = _read_config(folder, CONTROLNET_CLASSES, hint)
+    config = read_config(folder, CONTROLNET_CLASSES, hint)
     if base_config is not None:
         for key in SHARED_DIMS + ("num_layers",):
             if key == "num_layers":
@@ -264,7 +264,7 @@ def load_pixcell_controlnet(folder: str | Path, base_config: dict[str, Any] | No
             elif key in config and key in base_config and config[key] != base_config[key]:
                 raise WeightsError(folder / "config.json", f"'{key}' is {config[key]} but the base transformer's "
                                                            f"is {base_config[key]} (ControlNet of another base?)")
-    return _load_checked(folder, PixCellControlNet, config, "PixCellControlNet", hint, dtype)
+    return load_checked(folder, PixCellControlNet, config, "PixCellControlNet", hint, dtype)
 
 
 def is_controlnet_folder(folder: str | Path) -> bool:
@@ -332,8 +332,8 @@ class PixCellControlNetPipeline(PixCellPipeline):
             raise WeightsError(folder, "is not a PixCell ControlNet folder (model_index.json lists no controlnet)")
         base_dir = resolve_base(folder, base)
         base_hint = f"download transformer/ from {CONTROLNET_SOURCE}"
-        base_config = _read_config(base_dir, TRANSFORMER_CLASSES, base_hint)
-        transformer = _load_checked(base_dir, PixCellTransformer2DModel, base_config, "PixCellTransformer2DModel",
+        base_config = read_config(base_dir, TRANSFORMER_CLASSES, base_hint)
+        transformer = load_checked(base_dir, PixCellTransformer2DModel, base_config, "PixCellTransformer2DModel",
                                     base_hint, dtype)
         controlnet = load_pixcell_controlnet(folder / "controlnet", base_config, dtype)
         vae_dir = resolve_vae(folder, vae)

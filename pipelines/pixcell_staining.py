@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import math
 import re
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -209,27 +208,9 @@ def merge_lora(transformer: nn.Module, pairs: dict[str, tuple[torch.Tensor, torc
 def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     """A ``.safetensors`` file, or a ``.pth`` read once with ``torch.load(weights_only=True)`` that must
     hold a plain tensor dict (optionally under ``model_state_dict`` / ``state_dict`` / ``model``)."""
-    from studio.convert import _load_failure, tensor_dict
+    from studio.convert import read_tensor_file
 
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except Exception as exc:
-            raise WeightsError(path, f"cannot be read ({type(exc).__name__}: truncated or not safetensors); "
-                                     f"download it again from {RELEASE}") from exc
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise WeightsError(path, f"refused: {_load_failure(exc)}; convert it with histostudio convert {path} "
-                                 f"--out {path.with_suffix('.safetensors')}") from exc
-    if isinstance(loaded, dict) and isinstance(loaded.get("model_state_dict"), dict):
-        loaded = loaded["model_state_dict"]
-    return tensor_dict(loaded, path)[0]
+    return read_tensor_file(path, f"from {RELEASE}")
 
 
 def _weights_file(stem: Path) -> Path | None:

@@ -197,26 +197,11 @@ def is_stainfuser_keys(keys: list[str]) -> bool:
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """The published tensors, ``module.`` stripped: safetensors directly, a ``.pth`` only through
     ``torch.load(weights_only=True)`` and :func:`studio.convert.tensor_dict` (plain tensor dicts)."""
-    from studio.convert import _load_failure, tensor_dict
+    from studio.convert import read_tensor_file
 
     if path.suffix.lower() == ".safetensors":
-        from safetensors.torch import load_file
-
-        safetensors_keys(path)
-        try:
-            tensors = load_file(str(path))
-        except Exception as exc:
-            raise WeightsError(path, f"cannot be read as safetensors ({type(exc).__name__}); download it "
-                                     "again") from exc
-    else:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                loaded = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise WeightsError(path, f"refused: {_load_failure(exc)}; only plain tensor dicts are read (torch "
-                                     "weights_only); nothing was written") from exc
-        tensors, _, _ = tensor_dict(loaded, path)
+        safetensors_keys(path)  # the header first: a file of another kind is named as such
+    tensors = read_tensor_file(path, "from Hugging Face R-J/StainFuser")
     prefix = strip_prefix(list(tensors))
     return {k[len(prefix):]: v for k, v in tensors.items()}
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from studio.errors import InputError, OutputError, WeightsError
 
-NESTED_KEYS = ("state_dict", "model")
+NESTED_KEYS = ("state_dict", "model_state_dict", "model")
 
 
 @dataclass
@@ -81,6 +81,35 @@ def tensor_dict(obj: Any, source: Path) -> tuple[dict[str, Any], str | None, lis
         if value.layout != torch.strided:
             raise WeightsError(source, f"entry '{where}' is a {value.layout} tensor; only dense tensors convert")
     return obj, nested, ignored
+
+
+def read_tensor_file(path: str | Path, download_hint: str = "") -> dict[str, Any]:
+    """The ``{name: tensor}`` of a published weights file, for loaders that accept the
+    release's own format: a ``.safetensors`` file as it is, any other file only through
+    ``torch.load(weights_only=True)`` and :func:`tensor_dict` (plain tensor dicts, possibly
+    nested under ``state_dict`` / ``model_state_dict`` / ``model``). Every refusal is one
+    :class:`WeightsError` line; ``download_hint`` (e.g. "from Hugging Face R-J/StainFuser")
+    ends the message for an unreadable safetensors file."""
+    import torch
+
+    path = Path(path)
+    if path.suffix.lower() == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as exc:
+            again = f"download it again {download_hint}".rstrip()
+            raise WeightsError(path, f"cannot be read as safetensors ({type(exc).__name__}: truncated or another "
+                                     f"format); {again}") from exc
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols it then reads fine
+            warnings.simplefilter("ignore", UserWarning)
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise WeightsError(path, f"refused: {_load_failure(exc)}; only plain tensor dicts are read (or convert it: "
+                                 f"histostudio convert {path} --out {path.with_suffix('.safetensors')})") from exc
+    return tensor_dict(loaded, path)[0]
 
 
 def convert_checkpoint(source: str | Path, out: str | Path, overwrite: bool = False) -> Converted:

@@ -125,15 +125,15 @@ def base_root(base: str | Path) -> tuple[Path, Path]:
 def load_base(cfg: PixCellControlNetConfig) -> tuple[Any, dict[str, Any], Path]:
     """The frozen base transformer, its config and the folder holding ``scheduler/``."""
     from pipelines.pixcell import PixCellTransformer2DModel
-    from pipelines.pixcell_controlnet import BASE_SOURCE, TRANSFORMER_CLASSES, _load_checked, _read_config
+    from pipelines.pixcell_controlnet import BASE_SOURCE, TRANSFORMER_CLASSES, load_checked, read_config
 
     root, tdir = base_root(cfg.base)
     hint = f"download transformer/ from {BASE_SOURCE}"
-    config = _read_config(tdir, TRANSFORMER_CLASSES, hint)
+    config = read_config(tdir, TRANSFORMER_CLASSES, hint)
     if int(config.get("caption_num_tokens", 1)) != 1:
         raise WeightsError(tdir / "config.json", "is PixCell-1024 (16 UNI tokens); the cell ControlNet is trained "
                                                  "on PixCell-256")
-    transformer = _load_checked(tdir, PixCellTransformer2DModel, config, "PixCellTransformer2DModel", hint,
+    transformer = load_checked(tdir, PixCellTransformer2DModel, config, "PixCellTransformer2DModel", hint,
                                 torch.float32)
     if not (root / "scheduler" / "scheduler_config.json").is_file():
         raise WeightsError(root / "scheduler", f"has no scheduler_config.json (download scheduler/ from {BASE_SOURCE})")
