@@ -131,7 +131,9 @@ def create_tile_transform(name: str, **kwargs: Any) -> TileTransform:
     entry = known.get(name.lower())
     if entry is None:
         raise InputError(name, f"unknown method; available: {', '.join(sorted(known))}")
-    factory = entry.load() if isinstance(entry, importlib.metadata.EntryPoint) else entry
+    # An entry point is loaded by duck type: once dask.distributed is imported, entry_points()
+    # hands back the importlib_metadata backport's EntryPoint, not the stdlib class.
+    factory = entry if callable(entry) else entry.load()
     transform = factory(**kwargs)
     _attach_spec(transform, name, kwargs)
     return transform

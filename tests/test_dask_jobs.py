@@ -330,3 +330,13 @@ def test_a_worker_without_histostudio_and_a_client_without_distributed_are_one_l
     with pytest.raises(InputError, match="needs the 'distributed' extra"):
         jobs._connect("tcp://127.0.0.1:8786")
 
+
+
+def test_plugin_transforms_still_load_once_distributed_is_imported():
+    """Importing distributed (this module does) makes importlib.metadata hand back the
+    importlib_metadata backport's EntryPoint: plugins must load by duck type, not isinstance."""
+    from pipelines.stain_fuser import StainFuserTransform
+
+    assert distributed is not None
+    transform = create_tile_transform("stainfuser", reference="hgsc_nest", device="cpu")
+    assert isinstance(transform, StainFuserTransform) and transform.spec.kwargs["device"] == "cpu"
