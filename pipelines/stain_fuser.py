@@ -170,6 +170,18 @@ def positional_noise(shape: tuple[int, int, int], origin: tuple[int, int], seed:
     return torch.from_numpy(canvas[:, oy:oy + h, ox:ox + w].copy())
 
 
+def check_sampling_options(output_type: str, strength: float, detail: str, num_inference_steps: int) -> None:
+    """The options both StainFuser pipelines (the studio's and the released weights') take."""
+    if output_type not in ("pil", "np", "pt"):
+        raise InputError("output_type", f"{output_type!r}; use pil, np or pt")
+    if not 0 < strength <= 1:
+        raise InputError("strength", f"{strength}; use 0 < strength <= 1")
+    if detail not in ("source", "model"):
+        raise InputError("detail", f"{detail!r}; use source or model")
+    if num_inference_steps < 1:
+        raise InputError("num_inference_steps", "at least 1")
+
+
 @dataclass
 class StainFuserPipelineOutput(BaseOutput):
     images: list[Image.Image] | np.ndarray | torch.Tensor
@@ -286,14 +298,7 @@ class StainFuserPipeline(LocalPipeline, DiffusionPipeline):
         from studio.color import tissue_mask, transfer_colour, transfer_colour_change
         from studio.io import to_tensor
 
-        if output_type not in ("pil", "np", "pt"):
-            raise InputError("output_type", f"{output_type!r}; use pil, np or pt")
-        if not 0 < strength <= 1:
-            raise InputError("strength", f"{strength}; use 0 < strength <= 1")
-        if detail not in ("source", "model"):
-            raise InputError("detail", f"{detail!r}; use source or model")
-        if num_inference_steps < 1:
-            raise InputError("num_inference_steps", "at least 1")
+        check_sampling_options(output_type, strength, detail, num_inference_steps)
         x = images if isinstance(images, torch.Tensor) else to_tensor(np.asarray(images))
         if x.ndim == 3:
             x = x[None]

@@ -370,18 +370,11 @@ class PublishedStainFuserPipeline(DiffusionPipeline):
             detail: ``"model"`` (the decoded output, the release's result) or ``"source"`` (its colour
                 carried onto the source pixels, :func:`studio.color.transfer_colour`).
         """
-        from pipelines.stain_fuser import MIN_TISSUE, positional_noise
+        from pipelines.stain_fuser import MIN_TISSUE, check_sampling_options, positional_noise
         from studio.color import tissue_mask, transfer_colour
         from studio.io import to_tensor
 
-        if output_type not in ("pil", "np", "pt"):
-            raise InputError("output_type", f"{output_type!r}; use pil, np or pt")
-        if not 0 < strength <= 1:
-            raise InputError("strength", f"{strength}; use 0 < strength <= 1")
-        if detail not in ("source", "model"):
-            raise InputError("detail", f"{detail!r}; use source or model")
-        if num_inference_steps < 1:
-            raise InputError("num_inference_steps", "at least 1")
+        check_sampling_options(output_type, strength, detail, num_inference_steps)
         x = images if isinstance(images, torch.Tensor) else to_tensor(np.asarray(images))
         x = x[None] if x.ndim == 3 else x
         if x.ndim != 4 or x.shape[1] != 3:

@@ -45,7 +45,6 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +57,7 @@ from studio.errors import InputError, WeightsError
 from training.utils import (
     MetricsLog,
     common_args,
+    ema_weights,
     load_config,
     resume_training,
     save_checkpoint,
@@ -252,22 +252,6 @@ def variance_vlb(scheduler: Any, x0: torch.Tensor, xt: torch.Tensor, t: torch.Te
     return per.mean()
 
 
-@contextlib.contextmanager
-def trained_weights(ema: Any, model: Any, params: list[torch.nn.Parameter]) -> Iterator[Any]:
-    """Validate with the EMA of the trained parameters (``training.utils.ema_weights`` swaps
-    every parameter; this EMA holds only the trained ones), eval mode, then swap back."""
-    if ema is not None:
-        ema.store(params)
-        ema.copy_to(params)
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train()
-        if ema is not None:
-            ema.restore(params)
-
-
 def link_or_copy(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     if dst.exists():
@@ -456,7 +440,7 @@ def main(argv: list[str] | None = None) -> Path:
         if cfg.validate_every and (done % cfg.validate_every == 0 or done == cfg.max_steps) \
                 and accelerator.is_main_process:
             model = accelerator.unwrap_model(controlnet)
-            with trained_weights(ema, model, params):
+            with ema_weights(ema, model, params):
                 pipe = PixCellControlNetPipeline(transformer=base, controlnet=model, vae=vae,
                                                  scheduler=make_scheduler(root, "dpm"))
                 metrics = validate(pipe, cfg, out / "validation" / f"step_{done:06d}.png", accelerator.autocast)

@@ -198,16 +198,19 @@ def resume_training(accelerator: Any, output_dir: str | Path, resume: str | None
 
 
 @contextlib.contextmanager
-def ema_weights(ema: Any, model: Any) -> Iterator[Any]:
+def ema_weights(ema: Any, model: Any, params: list[Any] | None = None) -> Iterator[Any]:
     """Validate with the EMA weights: swap them in (eval mode), swap the training weights
-    back afterwards (train mode). ``ema=None`` only switches the mode."""
+    back afterwards (train mode). ``ema=None`` only switches the mode. ``params``: the
+    parameters the EMA tracks when it holds only the trained part of ``model`` (adapters,
+    ControlNets); default every parameter of ``model``."""
+    tracked = list(model.parameters()) if params is None else list(params)
     if ema is not None:
-        ema.store(model.parameters())
-        ema.copy_to(model.parameters())
+        ema.store(tracked)
+        ema.copy_to(tracked)
     model.eval()
     try:
         yield model
     finally:
         model.train()
         if ema is not None:
-            ema.restore(model.parameters())
+            ema.restore(tracked)
