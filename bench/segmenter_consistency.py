@@ -84,11 +84,18 @@ def density(inst: np.ndarray, mpp: float = 0.5) -> float:
     return float(inst.max(initial=0)) / area_um2 * 1e4
 
 
+def _label(checkpoint: str) -> str:
+    """The row name: the folder relative to the repository when it lies inside it, so the
+    JSON reads the same on every machine."""
+    path, root = Path(checkpoint).resolve(), Path(__file__).resolve().parents[1]
+    return str(path.relative_to(root)) if path.is_relative_to(root) else checkpoint
+
+
 def run(checkpoints: list[str], out: Path | None) -> dict:
     from pipelines.segmenter import NucleiSegmenter
     from studio.nuclei import relabel_sequential, threshold_watershed_baseline
 
-    models = {c: NucleiSegmenter.from_pretrained(c) for c in checkpoints}
+    models = {_label(c): NucleiSegmenter.from_pretrained(c) for c in checkpoints}
     results: dict = {"images": list(IMAGES), "region": f"right {EVAL_FRACTION:.0%} of each image", "rows": {}}
     for name in IMAGES:
         image = eval_region(name)
@@ -116,7 +123,7 @@ def run(checkpoints: list[str], out: Path | None) -> dict:
         b = row["threshold baseline"]
         print(f"{name:18s} {'threshold baseline (colour shifts only)':40s} density {b['density']:6.1f}  "
               f"consistency F1 {b['f1']:.3f}  PQ {b['pq']:.3f}", flush=True)
-    for ckpt in checkpoints:
+    for ckpt in models:
         results.setdefault("mean", {})[ckpt] = {
             k: round(float(np.mean([results["rows"][n][ckpt][k] for n in IMAGES])), 4) for k in ("f1", "pq")}
     print("mean consistency:", json.dumps(results["mean"]))

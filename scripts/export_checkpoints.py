@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 CKPT = ROOT / "checkpoints"
 COMMANDS: list[str] | None = None  # set from --command: how the run was really made
+RECIPE: str | None = None  # set from --recipe: the recipe file, when it is not training/recipes/<run name>.yaml
 
 
 def last_validation(run: Path) -> dict:
@@ -43,8 +44,11 @@ def last_validation(run: Path) -> dict:
 
 def provenance(run: Path, module: str, recipe: str, extra: dict | None = None) -> dict:
     config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
-    return {"command": f"python -m training.{module} --config training/recipes/{recipe}",
-            "recipe": f"training/recipes/{recipe}", "seed": config.get("seed"), "config": config,
+    recipe_path = RECIPE or f"training/recipes/{recipe}"
+    if not (ROOT / recipe_path).is_file():
+        raise SystemExit(f"{recipe_path}: no such recipe; pass --recipe with the file the run was trained from")
+    return {"command": f"python -m training.{module} --config {recipe_path}",
+            "recipe": recipe_path, "seed": config.get("seed"), "config": config,
             **({"commands": COMMANDS} if COMMANDS else {}), **last_validation(run), **(extra or {})}
 
 
@@ -266,11 +270,14 @@ def main() -> None:
     parser.add_argument("--command", action="append", default=None, dest="commands",
                         help="the exact training commands, in order, when the run was not one plain recipe run "
                              "(e.g. resumed with a different --max-steps); repeatable")
+    parser.add_argument("--recipe", default=None,
+                        help="the recipe the run was trained from, relative to the repository (default "
+                             "training/recipes/<run folder name>.yaml)")
     parser.add_argument("--diffusion-strength", type=float, default=None,
                         help="virtual-ihc-*: the diffusion translator's sampling default, when chosen after training")
     args = parser.parse_args()
-    global COMMANDS
-    COMMANDS = args.commands
+    global COMMANDS, RECIPE
+    COMMANDS, RECIPE = args.commands, args.recipe
     CKPT.mkdir(exist_ok=True)
     if args.what == "vae":
         from diffusers import AutoencoderKL

@@ -7,8 +7,14 @@ In the style of diffusers' training examples: config at the top (a YAML recipe),
 ``Accelerator`` for devices / mixed precision / checkpoint state, an EMA of the weights,
 validation reconstructions logged during training, ``save_pretrained`` at the end.
 
-Objective: L1 + ``ssim_weight`` * (1 - SSIM) + ``kl_weight`` * KL. No perceptual or
-adversarial term: those need a downloaded network. Data: random crops of the *train*
+Objective: L1 + ``ssim_weight`` * (1 - SSIM) + ``kl_weight`` * KL. No perceptual term: it
+needs a downloaded network. Optional adversarial term (``adversarial_weight`` > 0): a small
+PatchGAN (``training.discriminator``) with the hinge loss and the SD VAEs' adaptive weight,
+which restores the micro-texture (chromatin, fibre edges) the pixel loss averages away.
+``train_decoder_only`` fine-tunes ``post_quant_conv`` + decoder of an ``init_from`` folder and
+leaves encoder and ``quant_conv`` bit-identical, as Stability's ft-MSE / ft-EMA VAE releases
+did: the latents do not change, so every latent model trained on the old encoder stays valid
+(and ``scaling_factor`` is kept). Data: random crops of the *train*
 regions of the shipped real H&E (``studio.data.splits``) with flips, 90-degree rotations
 and stain jitter; validation on fixed 256x256 tiles of the held-out regions.
 
@@ -20,6 +26,7 @@ to 1 / std of the training latents.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,7 +36,9 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.functional import structural_similarity_index_measure
 
+from studio.errors import InputError
 from training.data import CropSampler
+from training.discriminator import PatchDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss
 from training.utils import (
     MetricsLog,
     common_args,
@@ -71,6 +80,19 @@ class VAEConfig:
     # decode through; 0 trains on H&E only
     ihc_fraction: float = 0.0
     ihc_phantom_tiles: int = 96
+    # decoder-only fine-tune: freeze encoder + quant_conv (needs init_from); scaling_factor kept
+    train_decoder_only: bool = False
+    # adversarial term (0: none, no discriminator is built): hinge PatchGAN; the generator term
+    # turns on at adversarial_start, the discriminator trains from disc_start (<= adversarial_start)
+    adversarial_weight: float = 0.0
+    adversarial_start: int = 0
+    disc_start: int = 0
+    disc_learning_rate: float = 1e-4
+    disc_width: int = 32
+    # scale the generator term by |grad rec| / |grad adv| at the decoder's last layer (SD VAEs)
+    adaptive_weight: bool = True
+    adaptive_weight_max: float = 1e4
+    log_every: int = 25
 
 
 def build_model(cfg: VAEConfig):
@@ -85,14 +107,61 @@ def build_model(cfg: VAEConfig):
     )
 
 
-def vae_loss(model, tiles: torch.Tensor, cfg: VAEConfig) -> tuple[torch.Tensor, dict[str, float]]:
-    posterior = model.encode(tiles * 2 - 1).latent_dist  # diffusers VAEs take [-1, 1]
+def vae_loss(model, tiles: torch.Tensor, cfg: VAEConfig) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
+    """Pixel loss of one batch, its parts, and the (unclamped) reconstruction in [0, 1]."""
+    with torch.no_grad() if cfg.train_decoder_only else contextlib.nullcontext():  # frozen encoder: no graph
+        posterior = model.encode(tiles * 2 - 1).latent_dist  # diffusers VAEs take [-1, 1]
     recon = (model.decode(posterior.sample()).sample + 1) / 2
     l1 = F.l1_loss(recon, tiles)
     ssim = structural_similarity_index_measure(recon.clamp(0, 1), tiles, data_range=1.0)
     kl = posterior.kl().mean()
     loss = l1 + cfg.ssim_weight * (1 - ssim) + cfg.kl_weight * kl
-    return loss, {"l1": l1.item(), "ssim": ssim.item(), "kl": kl.item()}
+    return loss, {"l1": l1.item(), "ssim": ssim.item(), "kl": kl.item()}, recon
+
+
+def check_config(cfg: VAEConfig, recipe: str | Path | None) -> None:
+    """One-line errors for option combinations that cannot train."""
+    where = recipe or "config"
+    if cfg.train_decoder_only and not cfg.init_from:
+        raise InputError(where, "train_decoder_only needs init_from (the autoencoder whose encoder is kept)")
+    if cfg.adversarial_weight < 0:
+        raise InputError(where, f"adversarial_weight must be >= 0, got {cfg.adversarial_weight}")
+    if cfg.adversarial_weight > 0 and cfg.disc_start > cfg.adversarial_start:
+        raise InputError(where, f"disc_start ({cfg.disc_start}) must be <= adversarial_start "
+                                f"({cfg.adversarial_start}): the generator term needs a trained discriminator")
+
+
+def freeze_encoder(model) -> list[torch.nn.Parameter]:
+    """Freeze encoder + ``quant_conv`` (what makes the latents); return the parameters left to train."""
+    model.encoder.requires_grad_(False)
+    if model.quant_conv is not None:
+        model.quant_conv.requires_grad_(False)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def adversarial_step(model, disc, tiles: torch.Tensor, recon: torch.Tensor, rec_loss: torch.Tensor,
+                     cfg: VAEConfig, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+    """The generator's hinge term, weighted (adaptive weight at the decoder's ``conv_out``),
+    to add to ``rec_loss``; zero before ``adversarial_start``."""
+    if step < cfg.adversarial_start:
+        return rec_loss.new_zeros(()), {}
+    g_loss = hinge_g_loss(disc(recon * 2 - 1))
+    weight = adaptive_weight(rec_loss, g_loss, model.decoder.conv_out.weight, cfg.adaptive_weight_max) \
+        if cfg.adaptive_weight else g_loss.new_ones(())
+    return cfg.adversarial_weight * weight * g_loss, {"g_loss": g_loss.item(), "d_weight": weight.item()}
+
+
+def discriminator_step(disc, disc_optimizer, accelerator, tiles: torch.Tensor,
+                       recon: torch.Tensor) -> dict[str, float]:
+    """One hinge update of the discriminator: real crops against the (detached) reconstructions."""
+    disc_optimizer.zero_grad()  # drops the grads the generator term left on it
+    logits_real, logits_fake = disc(tiles * 2 - 1), disc(recon.detach() * 2 - 1)
+    d_loss = hinge_d_loss(logits_real, logits_fake)
+    accelerator.backward(d_loss)
+    disc_optimizer.step()
+    disc_optimizer.zero_grad()
+    return {"d_loss": d_loss.item(), "logits_real": logits_real.mean().item(),
+            "logits_fake": logits_fake.mean().item()}
 
 
 @torch.no_grad()
@@ -120,6 +189,7 @@ def main(argv: list[str] | None = None) -> Path:
     args = common_args(__doc__.split("\n\n")[0], Path(__file__).parent / "recipes" / "vae.yaml").parse_args(argv)
     cfg = load_config(VAEConfig, args.config, {"max_steps": args.max_steps, "output_dir": args.output_dir,
                                                "threads": args.threads})
+    check_config(cfg, args.config)
     torch.set_num_threads(cfg.threads)
 
     from accelerate import Accelerator
@@ -138,9 +208,15 @@ def main(argv: list[str] | None = None) -> Path:
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, project_dir=str(out))
     set_seed(cfg.seed)
     model = load_model_folder(AutoencoderKL, Path(cfg.init_from)).train() if cfg.init_from else build_model(cfg)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=1e-4)
+    trained = freeze_encoder(model) if cfg.train_decoder_only else model.parameters()
+    optimizer = torch.optim.AdamW(trained, lr=cfg.learning_rate, weight_decay=1e-4)
     scheduler = warmup_cosine_scheduler(optimizer, cfg.warmup_steps, cfg.max_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    disc = disc_optimizer = None
+    if cfg.adversarial_weight > 0:  # prepared, so save_state / load_state carry it (model_1.safetensors)
+        disc = PatchDiscriminator(width=cfg.disc_width).train()
+        disc_optimizer = torch.optim.Adam(disc.parameters(), lr=cfg.disc_learning_rate, betas=(0.5, 0.9))
+        disc, disc_optimizer = accelerator.prepare(disc, disc_optimizer)
     ema = EMAModel(accelerator.unwrap_model(model).parameters(), decay=cfg.ema_decay, model_cls=AutoencoderKL,
                    model_config=accelerator.unwrap_model(model).config)
 
@@ -163,14 +239,19 @@ def main(argv: list[str] | None = None) -> Path:
             tiles = torch.cat([tiles, ihc_sampler.batch(step, n_ihc)])
         tiles = tiles.to(accelerator.device)
         with accelerator.accumulate(model):
-            loss, parts = vae_loss(model, tiles, cfg)
+            loss, parts, recon = vae_loss(model, tiles, cfg)
+            if disc is not None:
+                adv, adv_parts = adversarial_step(accelerator.unwrap_model(model), disc, tiles, recon, loss, cfg, step)
+                loss, parts = loss + adv, {**parts, **adv_parts}
             accelerator.backward(loss)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
+            if disc is not None and step >= cfg.disc_start:
+                parts.update(discriminator_step(disc, disc_optimizer, accelerator, tiles, recon))
         ema.step(accelerator.unwrap_model(model).parameters())
         done = step + 1
-        if done % 25 == 0:
+        if done % cfg.log_every == 0:
             log.write(step=done, loss=loss.item(), lr=scheduler.get_last_lr()[0], **parts)
         if done % cfg.validate_every == 0 or done == cfg.max_steps:
             unwrapped = accelerator.unwrap_model(model)
@@ -191,7 +272,8 @@ def main(argv: list[str] | None = None) -> Path:
     unwrapped = accelerator.unwrap_model(model)
     ema.copy_to(unwrapped.parameters())
     unwrapped.eval()
-    unwrapped.register_to_config(scaling_factor=latent_scaling_factor(unwrapped, sampler))
+    if not cfg.train_decoder_only:  # a frozen encoder makes the same latents: its scaling_factor stays
+        unwrapped.register_to_config(scaling_factor=latent_scaling_factor(unwrapped, sampler))
     unwrapped.save_pretrained(final, safe_serialization=True)
     accelerator.print(f"wrote {final}")
     return final
