@@ -19,6 +19,7 @@ from PIL import Image
 
 from pipelines.conditioning import EmbeddingConditioner
 from pipelines.loading import LocalPipeline
+from pipelines.outputs import format_images
 from studio.errors import InputError
 
 
@@ -219,11 +220,7 @@ class EmbeddingToImagePipeline(LocalPipeline, DiffusionPipeline):
 
         # 4. decode
         images = self.decode(latents)
-        if output_type == "pt":
-            out: list[Image.Image] | np.ndarray | torch.Tensor = images
-        else:
-            arr = images.permute(0, 2, 3, 1).float().cpu().numpy()
-            out = arr if output_type == "np" else [Image.fromarray((a * 255 + 0.5).astype(np.uint8)) for a in arr]
+        out: list[Image.Image] | np.ndarray | torch.Tensor = format_images(images, output_type)
         if not return_dict:
             return (out, grid)
         return EmbeddingToImagePipelineOutput(images=out, grid=grid)

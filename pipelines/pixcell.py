@@ -46,6 +46,7 @@ from PIL import Image
 from torch import nn
 
 from pipelines.embedding_to_image import EmbeddingToImagePipeline, EmbeddingToImagePipelineOutput
+from pipelines.outputs import format_images
 from pipelines.uni2h import check_state_shapes, find_weights, safetensors_shapes
 from studio.errors import InputError, WeightsError
 from studio.published import SD35_VAE_SOURCE, find_published, find_sd35_vae, is_pixcell, models_dir
@@ -491,11 +492,7 @@ class PixCellPipeline(DiffusionPipeline):
             images = self.decode(latents)
         finally:
             self.vae.disable_tiling()
-        if output_type == "pt":
-            out: list[Image.Image] | np.ndarray | torch.Tensor = images
-        else:
-            arr = images.permute(0, 2, 3, 1).float().cpu().numpy()
-            out = arr if output_type == "np" else [Image.fromarray((a * 255 + 0.5).astype(np.uint8)) for a in arr]
+        out: list[Image.Image] | np.ndarray | torch.Tensor = format_images(images, output_type)
         used = tuple(grid) if grid is not None else (math.isqrt(tokens.shape[1]),) * 2
         if not return_dict:
             return (out, used)

@@ -59,6 +59,7 @@ from PIL import Image
 from torch import nn
 
 from pipelines.mask_to_image import MaskToImagePipelineOutput
+from pipelines.outputs import format_images
 from pipelines.pixcell import PixCellPipeline, PixCellTransformer2DModel, make_scheduler, resolve_vae
 from pipelines.uni2h import check_state_shapes, find_weights, safetensors_shapes
 from studio.errors import InputError, WeightsError
@@ -449,11 +450,7 @@ class PixCellControlNetPipeline(PixCellPipeline):
 
         # 4. decode
         images = self.decode(latents)
-        if output_type == "pt":
-            out: list[Image.Image] | np.ndarray | torch.Tensor = images
-        else:
-            arr = images.permute(0, 2, 3, 1).float().cpu().numpy()
-            out = arr if output_type == "np" else [Image.fromarray((a * 255 + 0.5).astype(np.uint8)) for a in arr]
+        out: list[Image.Image] | np.ndarray | torch.Tensor = format_images(images, output_type)
         if not return_dict:
             return (out, control)
         return MaskToImagePipelineOutput(images=out, control=control)

@@ -52,6 +52,7 @@ from PIL import Image
 from torch import nn
 
 from pipelines.loading import LocalPipeline
+from pipelines.outputs import format_images
 from studio.devices import autocast_context
 from studio.errors import InputError, WeightsError
 
@@ -352,11 +353,7 @@ class StainFuserPipeline(LocalPipeline, DiffusionPipeline):
         if any(blank):
             warnings.warn(f"{sum(blank)} of {b} tile(s) hold no tissue and were passed through unchanged",
                           stacklevel=2)
-        if output_type == "pt":
-            result: Any = out
-        else:
-            arr = out.permute(0, 2, 3, 1).cpu().numpy()
-            result = arr if output_type == "np" else [Image.fromarray((a * 255 + 0.5).astype(np.uint8)) for a in arr]
+        result: Any = format_images(out, output_type)
         if not return_dict:
             return (result, blank)
         return StainFuserPipelineOutput(images=result, passed_through=blank)

@@ -45,6 +45,7 @@ from diffusers.utils import BaseOutput
 from PIL import Image
 from torch import nn
 
+from pipelines.outputs import format_images
 from studio.devices import autocast_context
 from studio.errors import InputError, WeightsError
 
@@ -418,11 +419,7 @@ class PublishedStainFuserPipeline(DiffusionPipeline):
         for i, is_blank in enumerate(blank):
             if is_blank:
                 out[i] = x[i]
-        if output_type == "pt":
-            result: Any = out
-        else:
-            arr = out.permute(0, 2, 3, 1).cpu().numpy()
-            result = arr if output_type == "np" else [Image.fromarray((a * 255 + 0.5).astype(np.uint8)) for a in arr]
+        result: Any = format_images(out, output_type)
         if not return_dict:
             return (result, blank)
         return PublishedStainFuserOutput(images=result, passed_through=blank)

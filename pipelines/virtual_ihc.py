@@ -51,6 +51,7 @@ from PIL import Image
 from torch import nn
 
 from pipelines.loading import LocalPipeline
+from pipelines.outputs import format_images
 from studio.devices import autocast_context
 from studio.errors import InputError, WeightsError
 
@@ -296,11 +297,7 @@ class VirtualIHCPipeline(LocalPipeline, DiffusionPipeline):
                 latents = self.scheduler.step(noise, t, latents).prev_sample
             out = self.decode(latents)
         out = out[..., :h, :w].float().clamp(0, 1)
-        if output_type == "pt":
-            result: list[Image.Image] | np.ndarray | torch.Tensor = out
-        else:
-            arr = out.permute(0, 2, 3, 1).cpu().numpy()
-            result = arr if output_type == "np" else [Image.fromarray((a * 255 + 0.5).astype(np.uint8)) for a in arr]
+        result: list[Image.Image] | np.ndarray | torch.Tensor = format_images(out, output_type)
         if not return_dict:
             return (result,)
         return VirtualIHCPipelineOutput(images=result)
