@@ -168,16 +168,6 @@ def test_resume_latest_continues_at_the_checkpoint_step(models, tmp_path, capsys
     assert rows[2]["flow_loss"] == pytest.approx(rows[3]["flow_loss"], rel=1e-5)
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    """accelerate keeps one mixed-precision setting per process; a bf16 run beside fp32 runs needs a reset."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def test_gpu_settings_run_on_cpu(models, tmp_path, fresh_accelerate_state):
     """bf16 mixed precision (frozen base in bf16), gradient checkpointing, VAE encoding per batch."""
     from safetensors import safe_open

@@ -49,6 +49,7 @@ from training.utils import (
     MetricsLog,
     common_args,
     load_config,
+    map_across_processes,
     resume_training,
     save_checkpoint,
     warmup_cosine_scheduler,
@@ -200,32 +201,40 @@ class StainingBank:
     the UNI-2h tokens of their 4x4 (or native) grid of crops, and optionally the IHC VAE posterior."""
 
     def __init__(self, he: list[np.ndarray], ihc: list[np.ndarray], size: int, grid: tuple[int, int],
-                 encoder: Any, pipe: Any, cfg: PixCellStainingConfig, device: torch.device):
+                 encoder: Any, pipe: Any, cfg: PixCellStainingConfig, device: torch.device,
+                 accelerator: Any = None):
+        """``accelerator``: with several processes each encodes a contiguous share of the views
+        (:func:`~training.utils.map_across_processes`) and every rank ends with the same bank."""
         from studio.io import to_tensor
 
         rng = np.random.default_rng([cfg.seed, 0x57A1])
         self.ihc, self.size = ihc, size
         self.views: list[tuple[int, int, int, int]] = []  # (pair, orientation, y, x): tiles cut on demand
-        he_tok, ihc_tok, means, stds = [], [], [], []
-        for i in range(len(he)):
+        for i in range(len(he)):  # crop positions first, from one rng: the same on every rank
             h, w = he[i].shape[:2]
             for k in range(max(1, min(8, cfg.orientations))):
                 y, x = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
-                a = orient(he[i][y:y + size, x:x + size], k)
-                b = orient(ihc[i][y:y + size, x:x + size], k)
-                pair = to_tensor(np.stack([a, b]))
-                tokens = encoder.embed(pair, grid=grid)
-                he_tok.append(tokens[0])
-                ihc_tok.append(tokens[1])
-                if cfg.cache_latents:
-                    with torch.no_grad():
-                        dist = pipe.vae.encode(pair[1:].to(device, pipe.vae.dtype) * 2 - 1).latent_dist
-                    means.append(dist.mean[0].float().cpu())
-                    stds.append(dist.std[0].float().cpu())
                 self.views.append((i, k, y, x))
-        self.he_tokens, self.ihc_tokens = torch.stack(he_tok), torch.stack(ihc_tok)  # (N, T, D)
-        self.means = torch.stack(means) if means else None
-        self.stds = torch.stack(stds) if stds else None
+
+        def encode(index: int) -> tuple[torch.Tensor, ...]:
+            i, k, y, x = self.views[index]
+            pair = to_tensor(np.stack([orient(he[i][y:y + size, x:x + size], k),
+                                       orient(ihc[i][y:y + size, x:x + size], k)]))
+            tokens = encoder.embed(pair, grid=grid).cpu()
+            if not cfg.cache_latents:
+                return tokens[0], tokens[1]
+            with torch.no_grad():
+                dist = pipe.vae.encode(pair[1:].to(device, pipe.vae.dtype) * 2 - 1).latent_dist
+            return tokens[0], tokens[1], dist.mean[0].float().cpu(), dist.std[0].float().cpu()
+
+        if accelerator is None:
+            encoded = [encode(i) for i in range(len(self.views))]
+        else:
+            encoded = map_across_processes(accelerator, len(self.views), encode, what="encoded views")
+        self.he_tokens = torch.stack([e[0] for e in encoded])  # (N, T, D)
+        self.ihc_tokens = torch.stack([e[1] for e in encoded])
+        self.means = torch.stack([e[2] for e in encoded]) if cfg.cache_latents else None
+        self.stds = torch.stack([e[3] for e in encoded]) if cfg.cache_latents else None
 
     def __len__(self) -> int:
         return len(self.he_tokens)
@@ -398,7 +407,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     # 3. data: encoded once by the frozen parts
     he, ihc = build_pairs(cfg, size)
-    bank = StainingBank(he, ihc, size, grid, encoder, pipe, cfg, device)
+    bank = StainingBank(he, ihc, size, grid, encoder, pipe, cfg, device, accelerator)
     val = held_out_tokens(cfg, size, grid, encoder) if accelerator.is_main_process else None
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     null = accelerator.unwrap_model(transformer).caption_projection.uncond_embedding

@@ -20,6 +20,7 @@ import yaml
 from studio.errors import InputError
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 def load_config(cls: type[T], path: str | Path | None, overrides: dict[str, Any] | None = None) -> T:
@@ -214,3 +215,30 @@ def ema_weights(ema: Any, model: Any, params: list[Any] | None = None) -> Iterat
         model.train()
         if ema is not None:
             ema.restore(tracked)
+
+
+
+def map_across_processes(accelerator: Any, count: int, fn: Callable[[int], R], what: str = "items") -> list[R]:
+    """``[fn(0), ..., fn(count - 1)]`` on every process, each process computing one contiguous share.
+
+    Why: a frozen-model pre-encoding pass (UNI-2h tokens, VAE posteriors) done by every rank
+    costs ``num_processes`` times the work for the same bank. accelerate's
+    ``split_between_processes`` deals the indices and ``gather_object`` puts the results back
+    in index order, so every rank holds the bank a single process would build. Results should
+    be CPU objects: they travel pickled (``all_gather_object``).
+    """
+    indices = list(range(count))
+    with accelerator.split_between_processes(indices) as mine:
+        if accelerator.num_processes > 1:  # every rank says its share: the launcher interleaves them
+            span = f"{mine[0]}-{mine[-1]}" if mine else "none"
+            print(f"process {accelerator.process_index}/{accelerator.num_processes}: {what} {span} of {count}",
+                  flush=True)
+        local = [(i, fn(i)) for i in mine]
+    if accelerator.num_processes == 1:
+        return [value for _, value in local]
+    from accelerate.utils import gather_object
+
+    gathered = dict(gather_object(local))
+    if sorted(gathered) != indices:
+        raise RuntimeError(f"gathered {len(gathered)} of {count} items across {accelerator.num_processes} processes")
+    return [gathered[i] for i in indices]
