@@ -40,6 +40,15 @@ generate_app = typer.Typer(help="Generate synthetic H&E with the diffusion pipel
 app.add_typer(generate_app, name="generate")
 
 
+# Options several commands share, spelled once (name, type and help stay identical everywhere).
+DeviceOption = Annotated[str, typer.Option(help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps.")]
+SchedulerOption = Annotated[str | None, typer.Option(help="dask scheduler address for --executor dask.")]
+DatasetFormatOption = Annotated[str, typer.Option("--format", help="pannuke, conic or folder.")]
+RedoOption = Annotated[bool, typer.Option("--overwrite", help="Redo everything in an existing output folder.")]
+ReplaceOutOption = Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")]
+ReplaceFolderOption = Annotated[bool, typer.Option("--overwrite", help="Replace an existing folder.")]
+
+
 # --------------------------------------------------------------------------- info
 @app.command()
 def info(
@@ -159,10 +168,10 @@ def _summarise(path: Path) -> None:
 @data_app.command("samples")
 def data_samples(
     out: Annotated[Path, typer.Option(help="Dataset folder to create.")],
-    format: Annotated[str, typer.Option("--format", help="pannuke, conic or folder.")] = "pannuke",
+    format: DatasetFormatOption = "pannuke",
     size: Annotated[int, typer.Option(help="Crop size in pixels.")] = 256,
     stride: Annotated[int | None, typer.Option(help="Crop stride (default: size, no overlap).")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing folder.")] = False,
+    overwrite: ReplaceFolderOption = False,
 ) -> None:
     """Write the shipped real labelled tile (hgsc_nest) as a nuclei dataset."""
     from studio.data.crops import hgsc_nest_crops
@@ -178,7 +187,7 @@ def data_samples(
 def data_phantom(
     out: Annotated[Path, typer.Option(help="Dataset folder to create.")],
     n: Annotated[int, typer.Option("--n", help="Number of tiles.")] = 16,
-    format: Annotated[str, typer.Option("--format", help="pannuke, conic or folder.")] = "folder",
+    format: DatasetFormatOption = "folder",
     size: Annotated[int, typer.Option(help="Tile size in pixels.")] = 256,
     tissue: Annotated[str | None, typer.Option(help="Preset (mixed, tumor, glandular, stroma, inflamed, "
                                                     "necrotic); default cycles through all.")] = None,
@@ -186,7 +195,7 @@ def data_phantom(
     stain_variation: Annotated[float, typer.Option(help="Random per-tile stain strength (0 = reference H&E).")
                                ] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed of the first tile (tile i uses seed+i).")] = 0,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing folder.")] = False,
+    overwrite: ReplaceFolderOption = False,
 ) -> None:
     """Write procedural tissue-phantom tiles with exact labels as a nuclei dataset."""
     from studio.data.phantom_dataset import phantom_samples
@@ -216,7 +225,7 @@ def data_stain_pairs(
     tone_prob: Annotated[float, typer.Option(help="Share of sources that also get a scanner-like tone change.")
                          ] = 0.5,
     seed: Annotated[int, typer.Option(help="Seed (crops and stains).")] = 0,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")] = False,
+    overwrite: ReplaceOutOption = False,
 ) -> None:
     """Many-to-one stain-translation pairs from real tiles (re-rendered stains and tones) with provenance."""
     from studio.data.splits import regions
@@ -309,10 +318,9 @@ def normalize(
     seed: Annotated[int, typer.Option(help="Seed for sampling the tiles a profile is fitted on.")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Skip units (and files) a previous run finished.")
                       ] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo everything in an existing output folder.")
-                         ] = False,
+    overwrite: RedoOption = False,
     executor: Annotated[str, typer.Option(help="local, or dask (one task per slide).")] = "local",
-    scheduler: Annotated[str | None, typer.Option(help="dask scheduler address for --executor dask.")] = None,
+    scheduler: SchedulerOption = None,
     save_profile: Annotated[Path | None, typer.Option(help="Also write the target stain profile JSON here.")
                             ] = None,
     checkpoint: Annotated[str | None, typer.Option(
@@ -368,13 +376,11 @@ def translate(
     mpp: Annotated[float | None, typer.Option(help="Working resolution for slides in microns/pixel "
                                                    "(default: native).")] = None,
     batch_size: Annotated[int, typer.Option(help="Tiles per forward pass.")] = 4,
-    device: Annotated[str, typer.Option(help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps.")
-                      ] = "auto",
+    device: DeviceOption = "auto",
     resume: Annotated[bool, typer.Option("--resume", help="Skip units a previous run finished.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo everything in an existing output folder.")
-                         ] = False,
+    overwrite: RedoOption = False,
     executor: Annotated[str, typer.Option(help="local, or dask (one task per slide or tile folder).")] = "local",
-    scheduler: Annotated[str | None, typer.Option(help="dask scheduler address for --executor dask.")] = None,
+    scheduler: SchedulerOption = None,
 ) -> None:
     """Virtual IHC: translate H&E tiles, folders and whole slides into an IHC stain, with a DAB read-out."""
     from pipelines.translate_job import translate_spec
@@ -438,13 +444,11 @@ def segment(
                                                    "(default: the segmenter's).")] = None,
     tta: Annotated[bool, typer.Option("--tta", help="Average predictions over the 8 rotations x flips "
                                                     "(8x slower, steadier).")] = False,
-    device: Annotated[str, typer.Option(help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps.")
-                      ] = "auto",
+    device: DeviceOption = "auto",
     resume: Annotated[bool, typer.Option("--resume", help="Skip inputs a previous run finished.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo everything in an existing output folder.")
-                         ] = False,
+    overwrite: RedoOption = False,
     executor: Annotated[str, typer.Option(help="local, or dask (one task per image or slide).")] = "local",
-    scheduler: Annotated[str | None, typer.Option(help="dask scheduler address for --executor dask.")] = None,
+    scheduler: SchedulerOption = None,
 ) -> None:
     """Segment and classify nuclei (HoVer-Net-style) in tiles, folders and whole slides."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
@@ -493,8 +497,7 @@ def experiment_augment(
     heldout: Annotated[str | None, typer.Option(help="Held-out fraction or dataset folder (default: the "
                                                      "dataset's own split).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing experiment in --out.")] = False,
-    device: Annotated[str, typer.Option(help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps.")
-                      ] = "auto",
+    device: DeviceOption = "auto",
 ) -> None:
     """Train the segmenter with and without synthetic data (K seeds, identical splits); report PQ/mPQ+."""
     from training.experiment import experiment_device, run_augment_experiment
@@ -556,8 +559,7 @@ def embed(
     encoder: Annotated[str, typer.Option(help="builtin, a local model folder, or timm:ARCH:WEIGHTS.")] = "builtin",
     grid: Annotated[str | None, typer.Option(help="Token grid ROWSxCOLS (default: one global token).")] = None,
     size: Annotated[int, typer.Option(help="Images are centre-cropped and resized to SIZE x SIZE first.")] = 256,
-    device: Annotated[str, typer.Option(help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps.")
-                      ] = "auto",
+    device: DeviceOption = "auto",
 ) -> None:
     """Embed tiles with an SSL encoder into an embeddings file for `generate embedding`."""
     from pipelines.generation import embed_to_file, parse_grid
@@ -589,8 +591,7 @@ def generate_embedding(
     scheduler: Annotated[str, typer.Option(help="ddim (default: clipped x0, reliable for the shipped model), dpm or "
                                                 "euler (for v-prediction models).")] = "ddim",
     seed: Annotated[int, typer.Option(help="Seed of the first image (image i uses seed+i).")] = 0,
-    device: Annotated[str, typer.Option(help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps.")
-                      ] = "auto",
+    device: DeviceOption = "auto",
     dtype: Annotated[str, typer.Option(help="float32, bf16 or fp16 (GPU).")] = "float32",
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the UNet (worth it for many images).")
                        ] = False,
@@ -643,7 +644,7 @@ def generate_rare(
     classes: Annotated[str, typer.Option(help="Rare classes to add, comma-separated (e.g. dead,inflammatory).")],
     count: Annotated[int, typer.Option(help="Patches to write.")],
     out: Annotated[Path, typer.Option(help="Output dataset folder (written all-or-nothing).")],
-    format: Annotated[str, typer.Option("--format", help="pannuke, conic or folder.")] = "pannuke",
+    format: DatasetFormatOption = "pannuke",
     per_patch: Annotated[int, typer.Option(help="Nuclei of each requested class in every patch (exact).")] = 4,
     size: Annotated[int, typer.Option(help="Patch side in pixels.")] = 256,
     checkpoint: Annotated[str | None, typer.Option(help="MaskToImagePipeline folder (default: the shipped "
@@ -658,9 +659,8 @@ def generate_rare(
                                              "the classes live in (connective -> stroma, inflammatory -> inflamed, "
                                              "...), where the generator draws them best.")] = "tumor",
     seed: Annotated[int, typer.Option(help="Seed (layouts and noise).")] = 0,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")] = False,
-    device: Annotated[str, typer.Option(help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps.")
-                      ] = "auto",
+    overwrite: ReplaceOutOption = False,
+    device: DeviceOption = "auto",
     reference: Annotated[Path | None, typer.Option(help="PixCell ControlNet only: an H&E tile whose UNI-2h token "
                                                         "sets the tiles' style (default: the learned null "
                                                         "embedding).")] = None,
@@ -695,7 +695,7 @@ def convert(
     checkpoint: Annotated[Path, typer.Argument(help="A torch .pth / .bin / .pt file holding a dict of tensors.",
                                                show_default=False)],
     out: Annotated[Path, typer.Option(help="Output .safetensors file (written atomically).")],
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")] = False,
+    overwrite: ReplaceOutOption = False,
 ) -> None:
     """Convert a published .pth/.bin checkpoint to .safetensors, unpickling tensors only (never objects)."""
     from studio.convert import convert_checkpoint
