@@ -332,16 +332,32 @@ def test_stain_augment_is_seeded_and_keeps_glass(hgsc_tiles):
         StainAugment(scale=1.5)
 
 
-def test_packed_index_is_the_rgb_integer_for_any_layout():
-    from studio.stain.lut import packed_index
+def test_pixel_words_are_the_pixel_bytes_for_any_layout_and_invert():
+    from studio.stain.lut import pixel_words, words_to_pixels
 
     rng = np.random.default_rng(3)
     images = rng.integers(0, 256, (2, 17, 23, 3), dtype=np.uint8)
-    expected = (images[..., 0].astype(np.int64) << 16) | (images[..., 1].astype(np.int64) << 8) | images[..., 2]
-    np.testing.assert_array_equal(packed_index(images[:, ::2, 1:]), expected[:, ::2, 1:])  # strided input
-    np.testing.assert_array_equal(packed_index(images[0]), expected[0])  # one image, no batch axis
-    np.testing.assert_array_equal(packed_index(images), expected)
-    assert packed_index(np.array([[255, 255, 255]], np.uint8))[0] == 256 ** 3 - 1
+    expected = images[..., 0].astype(np.int64) | (images[..., 1].astype(np.int64) << 8) | (
+        images[..., 2].astype(np.int64) << 16)
+    np.testing.assert_array_equal(pixel_words(images[:, ::2, 1:]), expected[:, ::2, 1:])  # strided input
+    np.testing.assert_array_equal(pixel_words(images[0]), expected[0])  # one image, no batch axis
+    np.testing.assert_array_equal(pixel_words(images), expected)
+    assert pixel_words(np.array([[255, 255, 255]], np.uint8))[0] == 256 ** 3 - 1
+    np.testing.assert_array_equal(words_to_pixels(pixel_words(images), images.shape), images)
+    np.testing.assert_array_equal(words_to_pixels(pixel_words(images[0, :1, :1]), (1, 1, 3)), images[0, :1, :1])
+
+
+def test_lut_table_round_trips_through_the_word_layout_and_maps_each_colour():
+    from studio.stain.lut import LUT_SIZE, ColorLUT
+
+    rng = np.random.default_rng(5)
+    table = rng.integers(0, 256, (LUT_SIZE, 3), dtype=np.uint8)
+    lut = ColorLUT(table)
+    np.testing.assert_array_equal(lut.table, table)
+    pixels = rng.integers(0, 256, (3, 5, 7, 3), dtype=np.uint8)
+    rows = (pixels[..., 0].astype(np.int64) << 16) | (pixels[..., 1].astype(np.int64) << 8) | pixels[..., 2]
+    np.testing.assert_array_equal(lut.apply(pixels), table[rows])
+    np.testing.assert_array_equal(lut.apply(pixels, workers=2), table[rows])
 
 
 def test_macenko_table_built_per_channel_equals_the_float_path_table(reference):

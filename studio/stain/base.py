@@ -299,7 +299,7 @@ class StainNormalizer(ABC):
             raise InputError(self.name, "is not a per-pixel transform; it has no lookup table")
         key = json.dumps([source.to_dict(), self.target.to_dict()], sort_keys=True)
         if key not in self._lut_cache:
-            self._lut_cache.clear()  # one slide at a time: 50 MB per table
+            self._lut_cache.clear()  # one slide at a time: 64 MiB per table
             od_map = self.od_linear_map(source)
             self._lut_cache[key] = (ColorLUT.from_od_map(od_map, background=self.background) if od_map is not None
                                     else ColorLUT.from_transform(lambda t: self.transform(t, source=source)))
