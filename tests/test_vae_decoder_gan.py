@@ -130,6 +130,17 @@ def test_bad_combinations_are_one_line_errors(tmp_path):
                                          disc_start=20))])
 
 
+def test_adversarial_term_ramps_in_linearly_after_its_start(tmp_path):
+    from studio.errors import InputError
+    from training import vae
+
+    cfg = vae.VAEConfig(adversarial_weight=3.0, adversarial_start=100, adversarial_ramp=4)
+    assert [vae.adversarial_ramp(cfg, s) for s in (0, 99, 100, 101, 102, 103, 500)] == [0, 0, 0.25, 0.5, 0.75, 1, 1]
+    assert vae.adversarial_ramp(vae.VAEConfig(adversarial_weight=3.0, adversarial_start=5), 5) == 1.0
+    with pytest.raises(InputError, match="adversarial_ramp"):
+        vae.main(["--config", str(recipe(tmp_path / "r.yaml", **TINY, adversarial_weight=0.5, adversarial_ramp=-1))])
+
+
 def test_discriminator_is_a_small_patchgan():
     from training.discriminator import PatchDiscriminator, hinge_d_loss
 
