@@ -12,7 +12,13 @@ Pipelines (each through its public loader, with the settings the CLI ships):
 - ``segmenter``: :class:`pipelines.segmenter.NucleiSegmenter` forward pass (checkpoints/nuclei-segmenter);
 - ``embedding-4``, ``embedding-20``: the embedding LDM (checkpoints/embedding-ldm) at 4 and 20 steps,
   guidance 2.0, conditioned on the tiles' own embeddings (encoding is timed too);
-- ``mask``: the mask LDM (checkpoints/mask-ldm), 20 steps, guidance 2.0, on phantom layouts.
+- ``mask``: the mask LDM (checkpoints/mask-ldm), 20 steps, guidance 2.0, on phantom layouts;
+- ``pixcell-256`` (on CUDA by default, on the CPU only when named in ``--only``): the published
+  PixCell-256 architecture at full size (28 DiT blocks, 1152 wide, ~0.6 B parameters, bf16 on
+  CUDA) with an SD3.5-shaped VAE, **random weights** (the real ones cannot be fetched here;
+  speed and memory do not depend on the values), DPM-Solver 20 steps, guidance 2.0 against
+  the learned null token, one UNI-2h-sized token per tile at its native 256 px. ``--pixcell
+  tiny`` swaps in a toy width and depth, to test the row on a CPU.
 
 Input tiles are crops of the shipped real H&E samples. Each (pipeline, batch) is run once to
 warm up, then ``--repeats`` times; the best time is reported (the least disturbed by other load).
@@ -47,7 +53,9 @@ from studio.errors import InputError  # noqa: E402
 from studio.info import checkpoints_dir  # noqa: E402
 
 PIPELINES = ("macenko", "reinhard", "vahadane", "stainfuser", "vihc-fast", "vihc-diffusion", "segmenter",
-             "embedding-4", "embedding-20", "mask")
+             "embedding-4", "embedding-20", "mask", "pixcell-256")
+GPU_ONLY = ("pixcell-256",)  # left out of the CPU default: minutes per tile at full size
+PIXCELL_NATIVE = 256
 GUIDANCE = 2.0  # the CLI's default for both generators
 
 #: A runner maps uint8 tiles ``(B, H, W, 3)`` to anything; it is built once per pipeline.
@@ -82,7 +90,28 @@ def _checkpoint(name: str) -> Path:
     return folder
 
 
-def build(name: str, device: str) -> Runner:
+def random_pixcell(device: str, scale: str = "full") -> object:
+    """PixCell-256 with random weights in the published architecture (``scale="full"``) or at
+    toy width and depth (``"tiny"``), its SD3.5-shaped VAE, and the published DPM-Solver."""
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler
+
+    from pipelines.pixcell import PixCellPipeline, PixCellTransformer2DModel
+    from studio.published import SD35_VAE_CONFIG
+
+    if scale not in ("full", "tiny"):
+        raise InputError("--pixcell", f"{scale!r}; use full or tiny")
+    torch.manual_seed(0)
+    dit = {} if scale == "full" else {"num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 8,
+                                      "cross_attention_dim": 16, "caption_channels": 48}
+    vae = {k: v for k, v in SD35_VAE_CONFIG.items() if not k.startswith("_")}
+    if scale == "tiny":
+        vae.update(block_out_channels=[8, 8, 16, 16], layers_per_block=1, norm_num_groups=4)
+    on_gpu = device.startswith("cuda")
+    transformer = PixCellTransformer2DModel(**dit).to(device, torch.bfloat16 if on_gpu else torch.float32)
+    return PixCellPipeline(transformer.eval(), AutoencoderKL(**vae).to(device).eval(), DPMSolverMultistepScheduler())
+
+
+def build(name: str, device: str, pixcell: str = "full") -> Runner:
     """Load one pipeline with its shipped settings and return a function timing can call."""
     from studio.io import to_tensor
 
@@ -142,6 +171,20 @@ def build(name: str, device: str) -> Runner:
                         progress=False).images
 
         return paint
+    if name == "pixcell-256":
+        pipe = random_pixcell(device, pixcell)
+        width = int(pipe.transformer.config.caption_channels)
+
+        def pixcell_tiles(tiles: np.ndarray) -> object:
+            # One token per tile at the native size: larger --size values are not PixCell-256's
+            # operating point, so the row always times native 256 px tiles.
+            tokens = torch.randn(len(tiles), 1, width, generator=torch.Generator().manual_seed(0))
+            return pipe(tokens.to(device), height=PIXCELL_NATIVE, width=PIXCELL_NATIVE, num_inference_steps=20,
+                        guidance_scale=GUIDANCE, generator=torch.Generator().manual_seed(0), output_type="pt",
+                        progress=False).images
+
+        pixcell_tiles.native_size = PIXCELL_NATIVE
+        return pixcell_tiles
     raise InputError("--only", f"{name!r} is not a pipeline here; choose from {', '.join(PIPELINES)}")
 
 
@@ -172,6 +215,8 @@ def measure(run: Runner, tiles: np.ndarray, device: str, repeats: int) -> dict:
             _sync(device)
             best = min(best, time.perf_counter() - start)
     b, h, w = tiles.shape[:3]
+    if getattr(run, "native_size", None):
+        h = w = run.native_size
     return {"batch": int(b), "size": int(h), "seconds": round(best, 4), "tiles_per_s": round(b / best, 3),
             "mpix_per_s": round(b * h * w / best / 1e6, 4), "peak_mb": round(peak_memory_mb(device), 1)}
 
@@ -205,6 +250,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--only", default=None, help=f"comma-separated subset of: {', '.join(PIPELINES)}")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", type=Path, default=Path("docs/throughput.json"), help="JSON results file")
+    parser.add_argument("--pixcell", default="full", help="pixcell-256 row: full (published size) or tiny (tests)")
     return parser.parse_args(argv)
 
 
@@ -215,7 +261,8 @@ def main(argv: list[str] | None = None) -> dict:
     size = args.size or (512 if on_gpu else 128)
     batches = _ints(args.batches, "--batches") if args.batches else ([1, 2, 4, 8] if on_gpu else [1, 4])
     repeats = args.repeats or (3 if on_gpu else 1)
-    names = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else list(PIPELINES)
+    names = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else \
+        [n for n in PIPELINES if on_gpu or n not in GPU_ONLY]
     unknown = [n for n in names if n not in PIPELINES]
     if unknown:
         raise InputError("--only", f"{', '.join(unknown)}: not a pipeline here; choose from {', '.join(PIPELINES)}")
@@ -232,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict:
     tiles = sample_tiles(size, max(batches))
     rows = []
     for name in names:
-        run = build(name, device)
+        run = build(name, device, args.pixcell)
         for batch in batches:
             row = {"pipeline": name, **measure(run, tiles[:batch], device, repeats)}
             rows.append(row)

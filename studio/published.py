@@ -23,6 +23,16 @@ from typing import Any
 
 ENV = "HISTOSTUDIO_MODELS"
 SD35_VAE_SOURCE = "stabilityai/stable-diffusion-3.5-large (subfolder vae/; gated, Stability AI Community License)"
+# vae/config.json of stabilityai/stable-diffusion-3.5-large: what PixCell decodes with. The
+# shapes (16 latent channels, /8) are what a random-weight stand-in needs for timing and tests.
+SD35_VAE_CONFIG = {
+    "_class_name": "AutoencoderKL", "_diffusers_version": "0.31.0.dev0", "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "force_upcast": True, "in_channels": 3, "latent_channels": 16, "latents_mean": None, "latents_std": None,
+    "layers_per_block": 2, "mid_block_add_attention": True, "norm_num_groups": 32, "out_channels": 3,
+    "sample_size": 1024, "scaling_factor": 1.5305, "shift_factor": 0.0609,
+    "up_block_types": ["UpDecoderBlock2D"] * 4, "use_post_quant_conv": False, "use_quant_conv": False,
+}
 SOURCES = {
     "pixcell": "StonyBrook-CVLab/PixCell-256 or PixCell-1024 (HF card: Apache-2.0; GitHub LICENSE: CC-BY-NC-4.0)",
     "pixcell-controlnet": "StonyBrook-CVLab/PixCell-256-Cell-ControlNet",

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from studio.published import SD35_VAE_CONFIG
+
 # --------------------------------------------------------------------------- PixCell
 # transformer/config.json of the releases (PixCellTransformer2DModel's keys).
 PIXCELL_256_CONFIG = {
@@ -36,14 +38,6 @@ PIXCELL_INDEX = {
 REMOTE_CODE_TRIPWIRE = 'raise RuntimeError("remote code from the release folder was imported")\n'
 
 # --------------------------------------------------------------------------- SD3.5 VAE
-SD35_VAE_CONFIG = {
-    "_class_name": "AutoencoderKL", "_diffusers_version": "0.31.0.dev0", "act_fn": "silu",
-    "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "force_upcast": True, "in_channels": 3, "latent_channels": 16, "latents_mean": None, "latents_std": None,
-    "layers_per_block": 2, "mid_block_add_attention": True, "norm_num_groups": 32, "out_channels": 3,
-    "sample_size": 1024, "scaling_factor": 1.5305, "shift_factor": 0.0609,
-    "up_block_types": ["UpDecoderBlock2D"] * 4, "use_post_quant_conv": False, "use_quant_conv": False,
-}
 TINY_VAE = {"block_out_channels": [8, 8, 16, 16], "layers_per_block": 1, "norm_num_groups": 4, "sample_size": 128}
 
 TINY_UNI_DIM = 48
