@@ -238,3 +238,45 @@ def test_checkpoints_hold_no_pickle_and_the_ema_round_trips(trained, tmp_path):
 
     with pytest.raises(WeightsError, match="refused: weights only"):
         load_ema(again, legacy)
+
+
+def test_time_budget_checkpoints_writes_final_and_resumes(trained, tmp_path):
+    """--max-minutes (lent GPU time): past the budget the run saves a checkpoint at the step it
+    reached and a loadable final/, and --resume latest goes on from there."""
+    from pipelines.embedding_to_image import EmbeddingToImagePipeline
+    from training import ldm
+
+    root, vae_dir, enc_dir, _, _ = trained
+    cfg = recipe(tmp_path / "t.yaml", output_dir=str(tmp_path / "t"), vae=str(vae_dir), encoder=str(enc_dir),
+                 crop_size=64, batch_size=2, max_steps=50, validate_every=100, validation_steps=1,
+                 checkpoint_every=100, block_out_channels=[32, 32], cross_attention_dim=16, attention_head_dim=8,
+                 map_channels=2, warmup_steps=1, bank_size=4)
+    final = ldm.main(["--config", str(cfg), "--max-minutes", "0.00001"])
+    rows = [json.loads(line) for line in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["stopped"] == "max_minutes" and rows[-1]["step"] == 1
+    assert [p.name for p in (tmp_path / "t" / "checkpoints").iterdir()] == ["checkpoint_1"]
+    EmbeddingToImagePipeline.from_pretrained(final)
+    ldm.main(["--config", str(cfg), "--resume", "latest", "--max-steps", "3"])
+    steps = [json.loads(line).get("step") for line in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
+    assert 3 in steps and sorted(p.name for p in (tmp_path / "t" / "checkpoints").iterdir())[-1] == "checkpoint_3"
+
+
+def test_gpu_recipe_is_the_issue_19_design_at_30_to_100_m_parameters():
+    from pathlib import Path
+
+    from training.ldm import LDMConfig, build_models
+    from training.utils import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(LDMConfig, root / "training" / "recipes" / "ldm_gpu.yaml")
+    assert cfg.mixed_precision == "bf16" and cfg.crop_size == 256 and cfg.batch_size >= 64
+    assert cfg.prediction_type == "v_prediction" and cfg.zero_terminal_snr and not cfg.dihedral_bank
+
+    class VAEStub:  # the tile VAE's geometry: /4, 4 latent channels
+        class config:
+            block_out_channels = (32, 64, 64)
+            latent_channels = 4
+
+    with torch.device("meta"):
+        unet, conditioner = build_models(cfg, VAEStub, embed_dim=128)
+    assert 30e6 <= sum(p.numel() for p in unet.parameters()) <= 100e6

@@ -22,6 +22,7 @@ reports how close the generated images' embeddings come to their conditioning.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -62,6 +63,9 @@ class LDMConfig:
     guidance_scale: float = 2.0
     threads: int = 1
     mixed_precision: str = "no"
+    # wall-clock budget (0: none): past it, the run checkpoints, writes final/ and stops early.
+    # For lent GPU time; the LR schedule still runs over max_steps, so size max_steps to the device.
+    max_minutes: float = 0.0
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
     # objective (issue 19): "epsilon" or "v_prediction"; zero terminal SNR (needs v) removes
@@ -232,9 +236,11 @@ def main(argv: list[str] | None = None) -> Path:
     parser = common_args(__doc__.split("\n\n")[0], Path(__file__).parent / "recipes" / "ldm.yaml")
     parser.add_argument("--vae", default=None)
     parser.add_argument("--encoder", default=None)
+    parser.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget; 0 = none")
     args = parser.parse_args(argv)
     cfg = load_config(LDMConfig, args.config, {"max_steps": args.max_steps, "output_dir": args.output_dir,
-                                               "vae": args.vae, "encoder": args.encoder, "threads": args.threads})
+                                               "vae": args.vae, "encoder": args.encoder, "threads": args.threads,
+                                               "max_minutes": args.max_minutes})
     check_objective(cfg)
     torch.set_num_threads(cfg.threads)
     from accelerate import Accelerator
@@ -271,6 +277,7 @@ def main(argv: list[str] | None = None) -> Path:
     bank = (LatentBank(vae, encoder, sampler, cfg.bank_size, grid, dihedral=cfg.dihedral_bank)
             if cfg.bank_size > 0 else None)
     log = MetricsLog(out)
+    started = time.monotonic()
     for step in range(start, cfg.max_steps):
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         if bank is not None:
@@ -305,8 +312,15 @@ def main(argv: list[str] | None = None) -> Path:
                 metrics = validate(pipe, encoder, val_tiles, grid, cfg, out / "validation" / f"step_{done:06d}.png")
             log.write(step=done, **metrics)
             accelerator.print(f"step {done}: loss {loss.item():.4f} {metrics}")
-        if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
+        saved = done % cfg.checkpoint_every == 0 or done == cfg.max_steps
+        if saved:
             save_checkpoint(accelerator, out, done, cfg.keep_checkpoints, ema=ema)
+        if cfg.max_minutes > 0 and time.monotonic() - started > cfg.max_minutes * 60:
+            if not saved:
+                save_checkpoint(accelerator, out, done, cfg.keep_checkpoints, ema=ema)
+            log.write(step=done, stopped="max_minutes", minutes=round((time.monotonic() - started) / 60, 2))
+            accelerator.print(f"time budget of {cfg.max_minutes} min reached at step {done}; --resume latest goes on")
+            break
 
     model = accelerator.unwrap_model(denoiser)
     ema.copy_to(model.parameters())
