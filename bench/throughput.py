@@ -111,7 +111,7 @@ def random_pixcell(device: str, scale: str = "full") -> object:
     return PixCellPipeline(transformer.eval(), AutoencoderKL(**vae).to(device).eval(), DPMSolverMultistepScheduler())
 
 
-def build(name: str, device: str, pixcell: str = "full") -> Runner:
+def build(name: str, device: str, pixcell: str = "full", embedding_ldm: Path | None = None) -> Runner:
     """Load one pipeline with its shipped settings and return a function timing can call."""
     from studio.io import to_tensor
 
@@ -142,7 +142,8 @@ def build(name: str, device: str, pixcell: str = "full") -> Runner:
         from pipelines.generation import GenerationSettings, embedding_encoder_for, load_generation_pipeline
 
         steps = int(name.split("-")[1])
-        settings = GenerationSettings(checkpoint=str(_checkpoint("embedding-ldm")), encoder="auto", steps=steps,
+        folder = embedding_ldm or _checkpoint("embedding-ldm")
+        settings = GenerationSettings(checkpoint=str(folder), encoder="auto", steps=steps,
                                       guidance=GUIDANCE, seed=0, scheduler="ddim", device=device)
         pipe, encoder = load_generation_pipeline(settings), embedding_encoder_for(settings)
 
@@ -250,6 +251,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--only", default=None, help=f"comma-separated subset of: {', '.join(PIPELINES)}")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", type=Path, default=Path("docs/throughput.json"), help="JSON results file")
+    parser.add_argument("--embedding-ldm", type=Path, default=None,
+                        help="embedding-4/-20 rows: another embedding LDM folder (default: the shipped one)")
     parser.add_argument("--pixcell", default="full", help="pixcell-256 row: full (published size) or tiny (tests)")
     return parser.parse_args(argv)
 
@@ -279,7 +282,7 @@ def main(argv: list[str] | None = None) -> dict:
     tiles = sample_tiles(size, max(batches))
     rows = []
     for name in names:
-        run = build(name, device, args.pixcell)
+        run = build(name, device, args.pixcell, args.embedding_ldm)
         for batch in batches:
             row = {"pipeline": name, **measure(run, tiles[:batch], device, repeats)}
             rows.append(row)
@@ -288,6 +291,7 @@ def main(argv: list[str] | None = None) -> dict:
         if on_gpu:
             torch.cuda.empty_cache()
     result = {"device": device, "device_name": device_name, "torch": torch.__version__, "size": size,
+              "embedding_ldm": str(args.embedding_ldm or checkpoints_dir() / "embedding-ldm"),
               "batches": batches, "repeats": repeats, "rows": rows}
     print(markdown(rows, device_name))
     args.out.parent.mkdir(parents=True, exist_ok=True)
