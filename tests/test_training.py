@@ -280,3 +280,22 @@ def test_gpu_recipe_is_the_issue_19_design_at_30_to_100_m_parameters():
     with torch.device("meta"):
         unet, conditioner = build_models(cfg, VAEStub, embed_dim=128)
     assert 30e6 <= sum(p.numel() for p in unet.parameters()) <= 100e6
+
+
+def test_export_writes_a_checkpoints_ema_weights_as_a_pipeline(trained):
+    """--export latest: the newest checkpoint's EMA weights as a loadable pipeline, the run untouched."""
+    from safetensors.torch import load_file
+
+    from pipelines.embedding_to_image import EmbeddingToImagePipeline
+    from training import ldm
+
+    root, _, _, ldm_dir, ldm_cfg = trained
+    run = root / "ldm"
+    before = (run / "metrics.jsonl").read_text()
+    folder = ldm.main(["--config", str(ldm_cfg), "--export", "latest"])
+    latest = max(int(p.name.split("_")[1]) for p in (run / "checkpoints").iterdir())  # 3 after the resume test
+    assert folder == run / f"export_step_{latest}" and (run / "metrics.jsonl").read_text() == before
+    EmbeddingToImagePipeline.from_pretrained(folder)
+    exported = load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+    final = load_file(str(ldm_dir / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(exported[k], final[k]) for k in final)  # the last checkpoint's EMA = final/

@@ -25,6 +25,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,8 @@ from training.utils import (
     common_args,
     ema_weights,
     load_config,
+    load_ema,
+    resume_path,
     resume_training,
     save_checkpoint,
     warmup_cosine_scheduler,
@@ -237,6 +240,9 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--vae", default=None)
     parser.add_argument("--encoder", default=None)
     parser.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget; 0 = none")
+    parser.add_argument("--export", default=None,
+                        help="'latest' or a checkpoint folder: write its EMA weights as a pipeline "
+                             "(<output_dir>/export_step_<N>) and stop, without training or encoding the bank")
     args = parser.parse_args(argv)
     cfg = load_config(LDMConfig, args.config, {"max_steps": args.max_steps, "output_dir": args.output_dir,
                                                "vae": args.vae, "encoder": args.encoder, "threads": args.threads,
@@ -254,7 +260,8 @@ def main(argv: list[str] | None = None) -> Path:
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    if args.export is None:  # an export reads a run, possibly one still training: it writes only its folder
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, project_dir=str(out))
     set_seed(cfg.seed)
     vae = load_model_folder(AutoencoderKL, Path(cfg.vae)).eval().requires_grad_(False).to(accelerator.device)
@@ -268,6 +275,8 @@ def main(argv: list[str] | None = None) -> Path:
     denoiser, optimizer, lr_scheduler = accelerator.prepare(denoiser, optimizer, lr_scheduler)
     ema = EMAModel(accelerator.unwrap_model(denoiser).parameters(), decay=cfg.ema_decay)
 
+    if args.export is not None:
+        return export_checkpoint(args.export, out, accelerator.unwrap_model(denoiser), ema, vae, encoder, cfg)
     start, _ = resume_training(accelerator, out, args.resume, ema=ema)
 
     grid = conditioner.grid_for(cfg.crop_size, cfg.crop_size)
@@ -322,15 +331,35 @@ def main(argv: list[str] | None = None) -> Path:
             accelerator.print(f"time budget of {cfg.max_minutes} min reached at step {done}; --resume latest goes on")
             break
 
-    model = accelerator.unwrap_model(denoiser)
-    ema.copy_to(model.parameters())
-    model.eval()
-    final = out / "final"
-    make_pipeline(vae, model.unet, model.conditioner, cfg).save_pretrained(final)
-    (final / "encoder.json").write_text(json.dumps({"encoder": cfg.encoder, "embed_dim": encoder.dim,
-                                                    "identity": encoder.identity}, indent=2))
+    final = write_pipeline(out / "final", accelerator.unwrap_model(denoiser), ema, vae, encoder, cfg)
     accelerator.print(f"wrote {final}")
     return final
+
+
+def write_pipeline(folder: Path, model: Denoiser, ema: Any, vae: Any, encoder: Any, cfg: LDMConfig) -> Path:
+    """The EMA weights as a loadable pipeline folder, with the encoder it was trained on."""
+    ema.copy_to(model.parameters())
+    model.eval()
+    make_pipeline(vae, model.unet, model.conditioner, cfg).save_pretrained(folder)
+    (folder / "encoder.json").write_text(json.dumps({"encoder": cfg.encoder, "embed_dim": encoder.dim,
+                                                     "identity": encoder.identity}, indent=2))
+    return folder
+
+
+def export_checkpoint(which: str, out: Path, model: Denoiser, ema: Any, vae: Any, encoder: Any,
+                      cfg: LDMConfig) -> Path:
+    """``--export``: a checkpoint's EMA weights as ``out/export_step_<N>``, for evaluating a run
+    that is still training (or was stopped) without touching it."""
+    from studio.errors import WeightsError
+
+    checkpoint = resume_path(out, which)
+    if checkpoint is None:
+        raise WeightsError(out, "has no checkpoint to export")
+    load_ema(ema, checkpoint)
+    step = int(json.loads((checkpoint / "step.json").read_text())["step"])
+    folder = write_pipeline(out / f"export_step_{step}", model, ema, vae, encoder, cfg)
+    print(f"wrote {folder} (EMA weights of {checkpoint})")
+    return folder
 
 
 if __name__ == "__main__":
