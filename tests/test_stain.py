@@ -372,3 +372,19 @@ def test_macenko_table_built_per_channel_equals_the_float_path_table(reference):
     slow = ColorLUT.from_transform(lambda t: norm.transform(t, source=source)).table
     diff = np.abs(fast.astype(np.int16) - slow.astype(np.int16))
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-4
+
+
+def test_one_pooled_row_percentile_equals_the_batched_order_statistic():
+    """A slide-level profile pools millions of values into one row, which takes numpy's
+    linear-time selection; it must give the batched path's exact order statistic."""
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(2, 50_001, generator=g)
+    mask = torch.rand(2, 50_001, generator=g) > 0.4
+    for q in (0.0, 1.0, 50.0, 99.0, 100.0):
+        batched = masked_percentile(values, mask, q)
+        for row in range(2):
+            single = masked_percentile(values[row:row + 1], mask[row:row + 1], q)
+            assert single.item() == batched[row].item()
+            kept = values[row][mask[row]].sort().values
+            assert single.item() == kept[int(1 + round(q / 100 * (len(kept) - 1))) - 1].item()
+    assert masked_percentile(values[:1], torch.zeros(1, 50_001, dtype=torch.bool), 1.0).isnan().all()
