@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -74,11 +75,13 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path, real, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(Image.Image, "save", disk_full)
+    monkeypatch.setattr(Image.Image, "save", disk_full)  # JPEG, WebP, BMP
+    monkeypatch.setattr(Path, "write_bytes", disk_full)  # RGB PNG (libpng through imagecodecs)
     with pytest.raises(OutputError, match="disk full"):
         write_image(target, real[::2])
     assert target.read_bytes() == before  # the old file is untouched
     assert [p.name for p in tmp_path.iterdir()] == ["out.png"]  # no temporary left
+    monkeypatch.undo()
 
     with pytest.raises(KeyError):
         with atomic_path(tmp_path / "x.npy") as tmp:
