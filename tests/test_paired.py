@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -110,16 +111,19 @@ def test_pair_size_mismatch_and_bad_split(tmp_path, pairs):
 
 
 def test_failed_pair_write_leaves_nothing(tmp_path, pairs, monkeypatch):
-    real_save = Image.Image.save
+    real_save, real_write_bytes = Image.Image.save, Path.write_bytes
     calls = {"n": 0}
 
-    def flaky_save(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(self, *args, **kwargs)
+    def flaky(real):
+        def write(self, *args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 4:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(self, *args, **kwargs)
+        return write
 
-    monkeypatch.setattr(Image.Image, "save", flaky_save)
+    monkeypatch.setattr(Image.Image, "save", flaky(real_save))  # JPEG and other Pillow writes
+    monkeypatch.setattr(Path, "write_bytes", flaky(real_write_bytes))  # RGB PNG (libpng through imagecodecs)
     with pytest.raises(OutputError, match="disk full"):
         write_bci(tmp_path / "BCI", {"train": pairs[:3]}, source="real")
     assert os.listdir(tmp_path) == []
