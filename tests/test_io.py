@@ -24,6 +24,9 @@ def test_png_round_trip_is_exact_and_writable(tmp_path, real):
     path = write_image(tmp_path / "a.png", real)
     back = read_image(path)
     assert back.dtype == np.uint8 and np.array_equal(back, real) and back.flags.writeable
+    # the fast encoder settings (SUB filter, RLE) are still a standard PNG: Pillow reads the same pixels
+    with Image.open(path) as img:
+        assert img.format == "PNG" and np.array_equal(np.asarray(img.convert("RGB")), real)
 
 
 def test_truncated_and_corrupt_images_name_the_file(tmp_path, real):
