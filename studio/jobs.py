@@ -568,7 +568,8 @@ def _process_slide(unit: Unit, transform: TileTransform, opts: JobOptions, repor
 def _apply_batch(transform: TileTransform, batch: Sequence[np.ndarray], source: Any,
                  origins: Sequence[tuple[int, int]] | None = None, blanks: list[int] | None = None
                  ) -> list[np.ndarray]:
-    """Apply to a list of tiles: same-shaped tiles are stacked into one call. Transforms that
+    """Apply to a list of tiles: same-shaped tiles go in one call, stacked unless the transform
+    declares ``accepts_tile_lists = True`` (then as the list, with no copy). Transforms that
     declare ``positional = True`` also get each tile's (y, x) origin on the slide grid.
 
     Transforms that declare ``skip_blank = True`` (virtual IHC) never see blank tiles --
@@ -589,8 +590,9 @@ def _apply_batch(transform: TileTransform, batch: Sequence[np.ndarray], source: 
     for i, tile in enumerate(batch):
         if out[i] is None:
             by_shape.setdefault(tile.shape, []).append(i)
+    as_list = bool(getattr(transform, "accepts_tile_lists", False))
     for idx in by_shape.values():
-        stack = np.stack([batch[i] for i in idx])
+        stack = [batch[i] for i in idx] if as_list else np.stack([batch[i] for i in idx])
         where = [origins[i] for i in idx] if origins is not None and getattr(transform, "positional", False) \
             else None
         result = apply_fitted(transform, stack, source, where)
@@ -599,7 +601,7 @@ def _apply_batch(transform: TileTransform, batch: Sequence[np.ndarray], source: 
     return out  # type: ignore[return-value]
 
 
-def apply_fitted(transform: TileTransform, stack: np.ndarray, source: Any,
+def apply_fitted(transform: TileTransform, stack: np.ndarray | list[np.ndarray], source: Any,
                  origins: Sequence[tuple[int, int]] | None = None) -> np.ndarray:
     """``transform.apply`` on ``stack`` in chunks that fit the device's memory.
 

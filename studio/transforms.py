@@ -47,6 +47,8 @@ class TileTransform(Protocol):
     def describe(self) -> dict[str, Any]:
         """Parameters and target, JSON-serialisable, recorded in the job manifest."""
 
+    # Optional: ``accepts_tile_lists = True`` when ``apply`` also takes a list of same-shaped
+    # tiles (as their stack): the job then passes its decoded tiles without stacking them.
     # Optional: ``check(image, name)`` raising a HistostudioError for an input this transform
     # must refuse (e.g. virtual staining fed an IHC image); tile jobs call it per file, so the
     # file is reported as failed and the others are still processed.
@@ -64,11 +66,14 @@ class ClassicalStainTransform:
         return self.normalizer.name
 
     pixelwise = True
+    #: ``apply`` takes the job's list of decoded tiles as it is: the lookup table reads each
+    #: tile in place, so the batch is never stacked into one more copy.
+    accepts_tile_lists = True
 
     def estimate(self, tiles: Sequence[np.ndarray]) -> StainProfile:
         return self.normalizer.estimate(list(tiles), source="sampled tissue tiles")
 
-    def apply(self, tiles: np.ndarray, source: StainProfile | None) -> np.ndarray:
+    def apply(self, tiles: np.ndarray | Sequence[np.ndarray], source: StainProfile | None) -> np.ndarray:
         return self.normalizer.transform_uint8(tiles, source=source, workers=self.workers)
 
     def describe(self) -> dict[str, Any]:

@@ -125,6 +125,37 @@ def test_slide_job_writes_a_pyramid_both_readers_open(slide_file, tmp_path):
         assert s.level_count >= 2 and s.dimensions == (1000, 1000)
 
 
+def test_slide_job_pixels_and_profile_are_the_estimate_then_the_table(slide_file, tmp_path):
+    """Tiles reach the table as the job's list of decoded arrays, never stacked: the
+    written pixels (uncompressed) must still be the sampled estimate's table applied to the
+    stacked slide, and the manifest must hold that estimate. An estimate that fails fails
+    its slide with its own message."""
+    import tifffile
+
+    from studio.jobs import sample_tissue_tiles
+    from studio.slides import open_slide
+
+    transform, opts = macenko(), JobOptions(tile_size=256, compression="none")
+    with open_slide(slide_file) as slide:
+        source = transform.estimate(sample_tissue_tiles(slide, count=opts.fit_tiles, seed=opts.seed))
+        level0 = np.asarray(slide.read_region((0, 0), 0, (1000, 1000)))[..., :3]
+    out = tmp_path / "out"
+    assert run_job(expand_inputs([slide_file], out), transform, out, opts).ok
+    written = tifffile.imread(out / "lab_b_slide.tif", series=0, level=0)
+    np.testing.assert_array_equal(written, transform.apply(level0[None], source)[0])
+    entry = json.loads((out / "manifest.json").read_text())["units"]["lab_b_slide"]
+    assert entry["profile"] == json.loads(json.dumps(source.to_dict()))
+
+    def broken_estimate(tiles):
+        raise InputError("estimate", "no stain found in the sampled tiles")
+
+    failing = macenko()
+    failing.estimate = broken_estimate
+    report = run_job(expand_inputs([slide_file], tmp_path / "failed"), failing, tmp_path / "failed", opts)
+    assert list(report.failed) == ["lab_b_slide"] and "no stain found" in report.failed["lab_b_slide"]
+    assert not (tmp_path / "failed" / "lab_b_slide.tif").exists()
+
+
 def test_slide_seams_no_larger_than_inside_tiles(slide_file, tmp_path):
     """Adjacent tiles of a normalized slide show no seam: the jump across tile borders is
     no larger than between neighbouring pixel columns inside tiles."""

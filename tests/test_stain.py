@@ -360,6 +360,37 @@ def test_lut_table_round_trips_through_the_word_layout_and_maps_each_colour():
     np.testing.assert_array_equal(lut.apply(pixels, workers=2), table[rows])
 
 
+def test_lut_maps_tile_lists_strided_tiles_and_runs_split_over_threads(monkeypatch):
+    """A list of tiles maps as its stack; strided tiles and runs cut at any length (so that
+    threads fill neighbouring runs of one output) give the same bytes."""
+    import studio.stain.lut as lut_module
+    from studio.errors import InputError
+    from studio.stain.lut import LUT_SIZE, ColorLUT
+
+    rng = np.random.default_rng(6)
+    table = rng.integers(0, 256, (LUT_SIZE, 3), dtype=np.uint8)
+    lut = ColorLUT(table)
+
+    def expected(p: np.ndarray) -> np.ndarray:
+        return table[(p[..., 0].astype(np.int64) << 16) | (p[..., 1].astype(np.int64) << 8) | p[..., 2]]
+
+    tiles = rng.integers(0, 256, (3, 5, 7, 3), dtype=np.uint8)
+    for segment in (1 << 18, 6, 5, 1):  # whole tiles, bands of rows, pieces of rows, single pixels
+        monkeypatch.setattr(lut_module, "SEGMENT_PIXELS", segment)
+        monkeypatch.setattr(lut_module, "_SCRATCH", type(lut_module._SCRATCH)())
+        for workers in (1, 2, 3):
+            np.testing.assert_array_equal(lut.apply(list(tiles), workers=workers), expected(tiles))
+            np.testing.assert_array_equal(lut.apply(tiles[:, ::2, 1:], workers=workers), expected(tiles[:, ::2, 1:]))
+            run = tiles[0].reshape(-1, 3)[::2]  # a strided pixel run longer than a segment
+            np.testing.assert_array_equal(lut.apply(run, workers=workers), expected(run))
+            np.testing.assert_array_equal(lut.apply(tiles[0, 0, 0], workers=workers), expected(tiles[0, 0, 0]))
+    assert lut.apply(tiles[:, :0]).shape == (3, 0, 7, 3)
+    with pytest.raises(InputError, match="every tile"):
+        lut.apply([tiles[0], tiles[1, :4]])
+    with pytest.raises(InputError):
+        lut.apply(tiles.astype(np.float32))
+
+
 def test_macenko_table_built_per_channel_equals_the_float_path_table(reference):
     """Macenko is linear in optical density: its table is three outer products; it must match
     the table of 16.8 M colours through the float transform but for rounding ties."""

@@ -310,13 +310,14 @@ class StainNormalizer(ABC):
         ``od_to_rgb(M @ od(rgb))`` (its lookup table then factorises per channel), else None."""
         return None
 
-    def transform_uint8(self, images: np.ndarray, source: StainProfile | None = None,
+    def transform_uint8(self, images: np.ndarray | Sequence[np.ndarray], source: StainProfile | None = None,
                         fallback: StainProfile | None = None, workers: int = 1) -> np.ndarray:
-        """uint8 ``(B, H, W, 3)`` in, uint8 out: the lookup table when ``source`` is fixed,
-        else the batched per-tile float path."""
-        arr = np.asarray(images)
+        """uint8 ``(B, H, W, 3)`` (or a list of same-shaped tiles, taken as their stack) in,
+        uint8 ``(B, H, W, 3)`` out: the lookup table when ``source`` is fixed, else the
+        batched per-tile float path."""
         if source is not None and self.pixelwise:
-            return self.lut(source).apply(arr, workers=workers)
+            return self.lut(source).apply(images, workers=workers)
+        arr = np.asarray(images)
         return to_uint8(self.transform(arr, fallback=fallback)).reshape(arr.shape)
 
     # ------------------------------------------------------------------ helpers

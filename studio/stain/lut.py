@@ -10,7 +10,9 @@ to the float path followed by rounding. Measured on 2 cores: 40 ms per 64 tiles 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+import queue
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -60,6 +62,62 @@ def words_to_pixels(words: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     np.ndarray((n,), dtype="<u4", buffer=buf, offset=0, strides=(3,))[...] = flat
     buf[0:3 * n:3] = flat.view(np.uint8)[0::4]  # the low byte of each little-endian word
     return buf[:-1].reshape(shape)
+
+
+#: Pixels looked up per pass: one 512 px tile. Its scratch (11 bytes a pixel, ~2.9 MB) is
+#: reused from pass to pass and stays in cache.
+SEGMENT_PIXELS = 1 << 18
+
+
+class _Scratch:
+    """One thread's buffers for :meth:`ColorLUT._map_segments`: the staged pixels (one byte
+    longer, for the last 4-byte read), their table indices and the looked-up words."""
+
+    def __init__(self) -> None:
+        self.pixels = np.empty(3 * SEGMENT_PIXELS + 1, dtype=np.uint8)
+        self.index = np.empty(SEGMENT_PIXELS, dtype=np.uint32)
+        self.value = np.empty(SEGMENT_PIXELS, dtype=np.uint32)
+
+
+#: Scratch buffers not in use, shared by every table and thread (at most one per thread
+#: that ever ran a lookup at once; ~3.7 MB each).
+_SCRATCH: queue.SimpleQueue[_Scratch] = queue.SimpleQueue()
+
+
+def _as_tiles(images: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray]:
+    """uint8 ``(..., 3)`` arrays of one shape: an array's leading axis (or the array itself
+    when it is one image or a pixel run), or the sequence's members."""
+    if isinstance(images, (list, tuple)):
+        tiles = [np.asarray(t) for t in images]
+    else:
+        arr = np.asarray(images)
+        tiles = [arr] if arr.ndim <= 3 else list(arr.reshape((math.prod(arr.shape[:-3]),) + arr.shape[-3:]))
+    if not tiles:
+        raise InputError("images", "no images to map")
+    shape = tiles[0].shape
+    for t in tiles:
+        if t.dtype != np.uint8 or t.ndim < 1 or t.shape[-1] != 3 or t.shape != shape:
+            raise InputError("images", f"{t.shape} {t.dtype}; expected uint8 RGB (..., 3), every tile {shape}")
+    return tiles
+
+
+def _pixel_segments(tile: np.ndarray, slot: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``tile``'s pixels and their output ``slot`` in runs of at most :data:`SEGMENT_PIXELS`:
+    ``(src, dst)`` with ``dst`` a contiguous ``(n, 3)`` view of ``slot`` and ``src`` the same
+    pixels in any layout (a strided tile is cut into bands of whole rows, never copied)."""
+    if tile.size == 0:
+        return []
+    dst = slot.reshape(-1, 3)
+    if tile.flags.c_contiguous:
+        src = tile.reshape(-1, 3)
+        return [(src[i:i + SEGMENT_PIXELS], dst[i:i + SEGMENT_PIXELS]) for i in range(0, len(src), SEGMENT_PIXELS)]
+    rows = tile.reshape((-1,) + tile.shape[-2:]) if tile.ndim >= 3 else tile.reshape((1,) + tile.shape[-2:])
+    width = rows.shape[1]
+    if width <= SEGMENT_PIXELS:
+        step = SEGMENT_PIXELS // width
+        return [(rows[r:r + step], dst[r * width:(r + step) * width]) for r in range(0, len(rows), step)]
+    return [(rows[r, c:c + SEGMENT_PIXELS], dst[r * width + c:r * width + min(c + SEGMENT_PIXELS, width)])
+            for r in range(len(rows)) for c in range(0, width, SEGMENT_PIXELS)]
 
 
 class ColorLUT:
@@ -136,19 +194,59 @@ class ColorLUT:
                     bytes_[b0:b0 + rows, :, c] = block.to(torch.uint8).numpy()
         return cls.from_words(bytes_.reshape(-1).view("<u4"))
 
-    def _apply_block(self, images: np.ndarray) -> np.ndarray:
-        return words_to_pixels(np.take(self.words, pixel_words(images)), images.shape)
+    def apply(self, images: np.ndarray | Sequence[np.ndarray], workers: int = 1) -> np.ndarray:
+        """Map uint8 ``(..., 3)`` images, or a sequence of same-shaped ``(H, W, 3)`` tiles
+        (mapped as their stack, which is never built); ``workers > 1`` splits the pixels
+        over threads.
 
-    def apply(self, images: np.ndarray, workers: int = 1) -> np.ndarray:
-        """Map uint8 ``(..., 3)`` images; ``workers > 1`` splits the first axis over threads."""
-        arr = np.asarray(images)
-        if arr.dtype != np.uint8 or arr.shape[-1] != 3:
-            raise InputError("images", f"{arr.shape} {arr.dtype}; expected uint8 RGB (..., 3)")
-        if workers <= 1 or arr.ndim < 4 or arr.shape[0] < 2:
-            return self._apply_block(arr)
-        parts = np.array_split(arr, min(workers, arr.shape[0]))
-        with ThreadPoolExecutor(max_workers=len(parts)) as pool:
-            return np.concatenate(list(pool.map(self._apply_block, parts)))
+        Why a sequence: a slide job's tiles arrive as separate decoded arrays. Each is read
+        straight into a reused scratch buffer and its result written into its slot of the
+        one output array, so a batch costs no stack or concatenation copy and no fresh
+        scratch memory (page faults). Measured on 12 batches of 16 slide tiles of 512 px, 2
+        threads, 3 interleaved runs: 448-491 MPix/s (~265 MPix per CPU-second) against
+        112-205 MPix/s (81-121) for the previous path (stack the batch, split the array over
+        threads, concatenate their halves). ``bench/stain.py --sections 6`` keeps a row of it.
+        """
+        if not isinstance(images, (list, tuple)):
+            images = np.asarray(images)
+        tiles = _as_tiles(images)
+        out = np.empty((len(tiles),) + tiles[0].shape, dtype=np.uint8)
+        segments = [(src, dst) for tile, slot in zip(tiles, out, strict=True)
+                    for src, dst in _pixel_segments(tile, slot)]
+        workers = max(1, min(int(workers), len(segments)))
+        if workers == 1:
+            self._map_segments(segments)
+        else:
+            parts = [segments[i::workers] for i in range(workers)]
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                list(pool.map(self._map_segments, parts))
+        return out if isinstance(images, (list, tuple)) else out.reshape(images.shape)
+
+    def _map_segments(self, segments: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        """Look up each ``(src, dst)`` pair of ``(n, 3)`` pixel runs; ``dst`` rows are
+        contiguous. The output is written as little-endian words at a 3-byte stride for
+        all but the last pixel (each word's high byte falls on the next pixel's first byte,
+        which the 1-byte strided pass then restores), and the last pixel as 3 bytes, so no
+        write leaves the run: threads may fill neighbouring runs of one array."""
+        try:
+            scratch = _SCRATCH.get_nowait()
+        except queue.Empty:
+            scratch = _Scratch()
+        try:
+            for src, dst in segments:
+                n = src.size // 3
+                staged = scratch.pixels[:3 * n + 1]
+                np.copyto(staged[:-1].reshape(src.shape), src)
+                staged[-1] = 0
+                words = np.ndarray((n,), dtype="<u4", buffer=staged, strides=(3,))
+                index = np.bitwise_and(words, 0xFFFFFF, out=scratch.index[:n])
+                value = np.take(self.words, index, out=scratch.value[:n])
+                flat = dst.reshape(-1)
+                np.ndarray((n - 1,), dtype="<u4", buffer=flat, strides=(3,))[...] = value[:-1]
+                flat[0::3] = value.view(np.uint8)[0::4]  # the low byte of each little-endian word
+                flat[-3:] = value[-1:].view(np.uint8)[:3]
+        finally:
+            _SCRATCH.put(scratch)
 
     def apply_tensor(self, tiles: torch.Tensor) -> torch.Tensor:
         """Float ``(B,3,H,W)`` in [0,1] (quantised to uint8 first) -> float in [0,1]."""
