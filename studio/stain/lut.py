@@ -65,7 +65,7 @@ def words_to_pixels(words: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 
 #: Pixels looked up per pass: one 512 px tile. Its scratch (11 bytes a pixel, ~2.9 MB) is
-#: reused from pass to pass and stays in cache.
+#: allocated once per thread and reused from pass to pass.
 SEGMENT_PIXELS = 1 << 18
 
 
@@ -80,7 +80,7 @@ class _Scratch:
 
 
 #: Scratch buffers not in use, shared by every table and thread (at most one per thread
-#: that ever ran a lookup at once; ~3.7 MB each).
+#: that ever ran a lookup at once; ~2.9 MB each).
 _SCRATCH: queue.SimpleQueue[_Scratch] = queue.SimpleQueue()
 
 
@@ -223,11 +223,12 @@ class ColorLUT:
         return out if isinstance(images, (list, tuple)) else out.reshape(images.shape)
 
     def _map_segments(self, segments: list[tuple[np.ndarray, np.ndarray]]) -> None:
-        """Look up each ``(src, dst)`` pair of ``(n, 3)`` pixel runs; ``dst`` rows are
-        contiguous. The output is written as little-endian words at a 3-byte stride for
-        all but the last pixel (each word's high byte falls on the next pixel's first byte,
-        which the 1-byte strided pass then restores), and the last pixel as 3 bytes, so no
-        write leaves the run: threads may fill neighbouring runs of one array."""
+        """Look up each ``(src, dst)`` pair: ``src`` a run of pixels in any layout, ``dst``
+        its contiguous ``(n, 3)`` slot in the output. The output is written as little-endian
+        words at a 3-byte stride for all but the last pixel (each word's high byte falls on
+        the next pixel's first byte, which the 1-byte strided pass then restores), and the
+        last pixel as 3 bytes, so no write leaves the run: threads may fill neighbouring runs
+        of one array."""
         try:
             scratch = _SCRATCH.get_nowait()
         except queue.Empty:
